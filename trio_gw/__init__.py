@@ -1,0 +1,54 @@
+"""trio_gw: a Trio-based, structured-concurrency WebSocket connection hub.
+
+The public API is exactly what this module re-exports.
+"""
+
+from ._auth import Authorizer as Authorizer
+from ._auth import Handshake as Handshake
+from ._auth import Identity as Identity
+from ._auth import TokenChecker as TokenChecker
+from ._auth import bearer_token_authorizer as bearer_token_authorizer
+from ._auth import extract_token as extract_token
+from ._close_codes import CloseCode as CloseCode
+from ._config import HubConfig as HubConfig
+from ._devmode import dev_authorizer as dev_authorizer
+from ._devmode import echo_backend as echo_backend
+from ._errors import AuthRefused as AuthRefused
+from ._errors import ConfigError as ConfigError
+from ._errors import GatewayError as GatewayError
+from ._errors import HubClosedError as HubClosedError
+from ._errors import HubOverloadedError as HubOverloadedError
+from ._hub import HandlerManager as HandlerManager
+from ._hub import MessageCallback as MessageCallback
+from ._hub import Reply as Reply
+from ._hub import open_hub as open_hub
+from ._hub import serve_hub as serve_hub
+from ._session import Session as Session
+from ._statistics import HubStatistics as HubStatistics
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuthRefused",
+    "Authorizer",
+    "CloseCode",
+    "ConfigError",
+    "GatewayError",
+    "HandlerManager",
+    "Handshake",
+    "HubClosedError",
+    "HubConfig",
+    "HubOverloadedError",
+    "HubStatistics",
+    "Identity",
+    "MessageCallback",
+    "Reply",
+    "Session",
+    "TokenChecker",
+    "bearer_token_authorizer",
+    "dev_authorizer",
+    "echo_backend",
+    "extract_token",
+    "open_hub",
+    "serve_hub",
+]

@@ -1,0 +1,8 @@
+"""Entry point: ``python -m trio_gw`` and the ``trio-gw`` script."""
+
+from ._cli import main
+
+__all__ = ["main"]
+
+if __name__ == "__main__":
+    raise SystemExit(main())

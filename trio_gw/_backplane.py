@@ -1,0 +1,101 @@
+"""The seam between hub nodes: what one node tells the others, and how it hears back.
+
+The hub actor resolves every send and close against its own registry first.
+Whatever may concern sessions on other nodes (a user-level or all-level target,
+or a session id that names another node) it hands to the backplane with
+``publish_nowait``, which must never wait: a backplane queues and batches
+internally. What other nodes publish, the backplane feeds back into the hub
+through the ``BackplaneInbox`` it is served with, marked as remote so that it is
+not published again.
+
+``LocalBackplane`` is the single-node implementation: there is nobody to tell.
+A Redis implementation fits behind the same protocol without changing the
+hub's public API.
+"""
+
+from __future__ import annotations
+
+from typing import NoReturn, Protocol
+
+import attrs
+import trio
+
+from ._frames import Frame
+from ._targets import Target
+
+__all__ = ["Backplane", "BackplaneClose", "BackplaneDeliver", "BackplaneInbox", "LocalBackplane"]
+
+
+@attrs.frozen
+class BackplaneDeliver:
+    """Deliver a frame to whoever ``target`` names on the receiving node."""
+
+    target: Target
+    frame: Frame
+
+
+@attrs.frozen
+class BackplaneClose:
+    """Close whoever ``target`` names on the receiving node."""
+
+    target: Target
+    code: int
+    reason: str
+
+
+BackplaneMessage = BackplaneDeliver | BackplaneClose
+
+
+class BackplaneInbox(Protocol):
+    """How a backplane hands remote messages to its hub."""
+
+    async def deliver_from_backplane(self, message: BackplaneMessage) -> None:
+        """Carry out a message another node published."""
+        ...
+
+
+class Backplane(Protocol):
+    """Connects hub nodes. See the module docstring."""
+
+    @property
+    def node_id(self) -> str:
+        """This node's id; it prefixes the ids of the sessions this node holds."""
+        ...
+
+    def publish_nowait(self, message: BackplaneMessage) -> bool:
+        """Queue ``message`` for the other nodes without waiting.
+
+        Returns:
+            False if it had to be dropped (the backplane is overloaded or down);
+            the hub counts it.
+        """
+        ...
+
+    async def serve(
+        self, inbox: BackplaneInbox, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        """Run the backplane's connections; call ``task_status.started()`` once ready."""
+        ...
+
+
+@attrs.define
+class LocalBackplane:
+    """A backplane for a single hub node: nothing is ever remote."""
+
+    _node_id: str
+
+    @property
+    def node_id(self) -> str:
+        """See ``Backplane.node_id``."""
+        return self._node_id
+
+    def publish_nowait(self, message: BackplaneMessage) -> bool:
+        """There are no other nodes: nothing to do."""
+        return True
+
+    async def serve(
+        self, inbox: BackplaneInbox, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        """Report ready and wait to be cancelled."""
+        task_status.started()
+        await trio.sleep_forever()

@@ -1,0 +1,69 @@
+"""Outbound frames: a message encoded and framed once, shared by every recipient.
+
+A server's WebSocket frames are not masked, so the bytes on the wire are the
+same for every connection. ``Frame`` holds them, and the writers hand the same
+``bytes`` object to every socket.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from wsproto.frame_protocol import FrameProtocol
+
+__all__ = ["Frame", "encode_frame"]
+
+# The frame protocol keeps state only between the fragments of one message;
+# every call here sends a whole message (fin=True), so one instance serves all.
+_FRAMER = FrameProtocol(client=False, extensions=[])
+
+
+class Frame:
+    """One outbound WebSocket message.
+
+    Attributes:
+        data: The payload: UTF-8 bytes for text, raw bytes for binary.
+        is_text: True for a text frame, False for a binary frame.
+        wire: The complete, unmasked frame as written to every socket.
+    """
+
+    __slots__ = ("data", "is_text", "wire")
+
+    def __init__(self, data: bytes, is_text: bool, wire: bytes) -> None:
+        self.data = data
+        self.is_text = is_text
+        self.wire = wire
+
+    def __len__(self) -> int:
+        return len(self.wire)
+
+    def __repr__(self) -> str:
+        kind = "text" if self.is_text else "binary"
+        return f"<Frame {kind} {len(self.data)} bytes>"
+
+    @property
+    def payload(self) -> str | bytes:
+        """The message as trio-websocket's ``send_message`` takes it."""
+        return self.data.decode("utf-8") if self.is_text else self.data
+
+
+def encode_frame(message: Any) -> Frame:
+    """Encode a message once, the way a handler encodes it in nuropb_gw.
+
+    ``str`` becomes a text frame as it is, ``bytes`` (or ``bytearray``) a binary
+    frame, and anything else is JSON-encoded with orjson into a text frame.
+
+    Raises:
+        TypeError: ``message`` cannot be JSON-encoded.
+    """
+    if isinstance(message, str):
+        return Frame(message.encode("utf-8"), True, bytes(_FRAMER.send_data(message)))
+    if isinstance(message, bytes | bytearray | memoryview):
+        data = bytes(message)
+        return Frame(data, False, bytes(_FRAMER.send_data(data)))
+    try:
+        data = orjson.dumps(message)
+    except orjson.JSONEncodeError as exc:
+        raise TypeError(f"message is not JSON-serializable: {exc}") from None
+    return Frame(data, True, bytes(_FRAMER.send_data(data.decode("utf-8"))))

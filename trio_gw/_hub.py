@@ -1,0 +1,762 @@
+"""The hub: nuropb_gw's HandlerManager rebuilt as a Trio actor, and how to run it."""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import logging
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
+from typing import Any, NoReturn, TypeAlias
+
+import attrs
+import orjson
+import trio
+from trio_websocket import Endpoint, WebSocketRequest, WebSocketServer
+
+from ._auth import Authorizer, Handshake, Identity
+from ._backplane import Backplane, BackplaneClose, BackplaneDeliver, BackplaneMessage, LocalBackplane
+from ._close_codes import CloseCode
+from ._config import HubConfig
+from ._errors import AuthRefused, ConfigError, HubClosedError, HubOverloadedError
+from ._frames import Frame, encode_frame
+from ._origins import OriginPolicy
+from ._registry import Effect, Registry, SessionAdded, SessionRemoved, UserJoined, UserLeft
+from ._session import Offer, Session
+from ._statistics import Counters, HubStatistics
+from ._targets import Target, ToAll, ToSession, is_local, new_session_id, to_users
+from ._wire import error_message, hello_message
+
+__all__ = ["HandlerManager", "MessageCallback", "Reply", "open_hub", "serve_hub"]
+
+logger = logging.getLogger("trio_gw")
+
+#: ``to_handler_message``: what a message callback calls to answer a client.
+Reply: TypeAlias = Callable[[Session, Any], Awaitable[None]]
+#: The backend callback: ``callback(to_handler_message, handler, decoded_message)``.
+MessageCallback: TypeAlias = Callable[[Reply, Session, Any], Awaitable[Any]]
+
+# The actor drains this many commands per wake-up before it yields to other tasks.
+_COMMAND_BATCH = 64
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+@attrs.frozen
+class _Register:
+    session: Session
+
+
+@attrs.frozen
+class _Unregister:
+    session: Session
+    close: bool  # True when asked through the API; False when the connection already ended
+
+
+@attrs.frozen
+class _Deliver:
+    target: Target
+    frame: Frame
+    remote: bool = False  # came from another node: do not publish it again
+
+
+@attrs.frozen
+class _Close:
+    target: Target
+    code: int
+    reason: str
+    drain: bool = True
+    remote: bool = False
+
+
+@attrs.frozen
+class _Flush:
+    reply: trio.MemorySendChannel[None]
+
+
+_Command = _Deliver | _Register | _Unregister | _Close | _Flush
+
+
+class HandlerManager:
+    """Registers connection handlers (sessions) and routes messages to and from them.
+
+    This is nuropb_gw's ``HandlerManager`` with the same names and meaning, run
+    as a Trio actor: one task owns the registry (session id -> session, user id
+    -> session ids) and carries out the register, unregister, send and close
+    commands that arrive on its channel. It never waits for a connection: each
+    session has a bounded outbound queue, fed with ``send_nowait``, and a
+    session whose queue overflows is closed as a slow consumer (4008) while the
+    others carry on.
+
+    Construct it, then run it with ``open_hub`` (or pass the arguments to
+    ``open_hub`` directly) and accept WebSocket clients with ``serve_hub``.
+
+    Args:
+        service_name: Names this service in logs.
+        instance_id: This hub node's id; it prefixes every session id.
+        on_handler_message_received: The backend callback, awaited as
+            ``callback(to_handler_message, handler, decoded_message)`` for each
+            client message. Messages from one session are processed in order,
+            each awaited before the next (see ``HubConfig.max_inflight_per_session``).
+        config: Limits and timeouts; ``HubConfig()`` if omitted.
+        authorizer: Decides who may connect. Without one every handshake is
+            refused with 401, so that nothing is open by accident.
+        backplane: Connects hub nodes; a single node by default.
+
+    Error handling:
+        A client's bad JSON or a callback that raises is answered with an error
+        frame to that client only; nothing propagates into the hub.
+    """
+
+    def __init__(
+        self,
+        service_name: str,
+        instance_id: str,
+        on_handler_message_received: MessageCallback | None = None,
+        *,
+        config: HubConfig | None = None,
+        authorizer: Authorizer | None = None,
+        backplane: Backplane | None = None,
+    ) -> None:
+        if not instance_id or ":" in instance_id:
+            raise ConfigError(f"instance_id: expected a non-empty id without ':', got {instance_id!r}")
+        self._service_name = service_name
+        self._instance_id = instance_id
+        self._on_handler_message_received = on_handler_message_received
+        self._config = config if config is not None else HubConfig()
+        self._authorizer = authorizer
+        self._origins = OriginPolicy(self._config.allowed_origins)
+        self._backplane: Backplane = backplane or LocalBackplane(instance_id)
+        if self._backplane.node_id != instance_id:
+            raise ConfigError(
+                f"backplane: its node_id {self._backplane.node_id!r} differs from "
+                f"instance_id {instance_id!r}"
+            )
+        self._registry: Registry[Session] = Registry()
+        self._counters = Counters()
+        self._commands_send, self._commands_recv = trio.open_memory_channel[_Command](
+            self._config.hub_queue_size
+        )
+        self._state = _State.NEW
+        self._connections: trio.Nursery | None = None
+        self._live_connections = 0
+        self._all_connections_ended = trio.Event()
+
+    # --- properties --------------------------------------------------------
+
+    @property
+    def service_name(self) -> str:
+        """The service name given at construction."""
+        return self._service_name
+
+    @property
+    def instance_id(self) -> str:
+        """This node's id; it prefixes every session id."""
+        return self._instance_id
+
+    @property
+    def config(self) -> HubConfig:
+        """The hub's configuration."""
+        return self._config
+
+    @property
+    def running(self) -> bool:
+        """True while the hub accepts commands and connections."""
+        return self._state is _State.RUNNING
+
+    # --- registry (nuropb_gw API) -------------------------------------------
+
+    def get_handler(self, session_id: str) -> Session | None:
+        """Return the registered session with this id, or None if not found."""
+        return self._registry.get(session_id)
+
+    def register(self, handler: Session) -> None:
+        """Register a session.
+
+        The hub registers every connection it accepts itself, so this is only
+        for nuropb_gw compatibility; registering a registered session does nothing.
+
+        Raises:
+            ValueError: the session is closing or closed.
+            HubClosedError: the hub is not running.
+            HubOverloadedError: the hub's command queue is full.
+        """
+        if handler.closing:
+            raise ValueError(f"{handler!r} is closing and cannot be registered")
+        if self._registry.get(handler.session_id) is not handler:
+            self._submit_nowait(_Register(handler))
+
+    def unregister(self, handler: Session) -> None:
+        """Unregister a session and close its connection normally (1000).
+
+        An unregistered session can no longer be reached, so its connection is
+        closed too, rather than left open and deaf. Unregistering twice does nothing.
+
+        Raises:
+            HubClosedError: the hub is not running.
+            HubOverloadedError: the hub's command queue is full.
+        """
+        self._submit_nowait(_Unregister(handler, close=True))
+
+    def user_sessions(self, user_id: str) -> frozenset[str]:
+        """The ids of one user's sessions on this node."""
+        return self._registry.sessions_of(user_id)
+
+    def session_ids(self) -> list[str]:
+        """The ids of every session registered on this node."""
+        return list(self._registry.session_ids())
+
+    def user_ids(self) -> list[str]:
+        """Every user with a session on this node."""
+        return list(self._registry.user_ids())
+
+    def statistics(self) -> HubStatistics:
+        """A frozen snapshot of this node's counters and gauges."""
+        return self._counters.snapshot(
+            connections=self._registry.session_count, users=self._registry.user_count
+        )
+
+    # --- messages in (nuropb_gw API) ----------------------------------------
+
+    async def on_handler_message(self, handler: Session, message: str | bytes) -> None:
+        """Decode one client message and await the backend callback with it.
+
+        Bad JSON is answered with ``{"error": "<ExceptionName>", "description":
+        "Error decoding JSON: ..."}`` to that client; a callback that raises is
+        logged with the session id and answered with an error frame. Neither
+        closes the connection.
+        """
+        try:
+            decoded = orjson.loads(message)
+        except orjson.JSONDecodeError as exc:
+            self._counters.bad_messages += 1
+            await self.to_handler_message(
+                handler, error_message(type(exc).__name__, f"Error decoding JSON: {exc}")
+            )
+            return
+        callback = self._on_handler_message_received
+        if callback is None:
+            await self.to_handler_message(
+                handler,
+                error_message("NoHandler", "this hub has no message handler; message dropped"),
+            )
+            return
+        try:
+            await callback(self.to_handler_message, handler, decoded)
+        except Exception as exc:
+            self._counters.callback_errors += 1
+            logger.exception(
+                "session %s (user %s): message handler raised", handler.session_id, handler.user_id
+            )
+            await self.to_handler_message(
+                handler,
+                error_message(
+                    type(exc).__name__, "Error processing message; the hub logged the details"
+                ),
+            )
+
+    async def to_handler_message(self, handler: Session, message: Any) -> None:
+        """Send a message to one session: the callback's way to answer.
+
+        ``str`` is sent as a text frame as it is, ``bytes`` as a binary frame,
+        anything else JSON-encoded (once) as a text frame.
+        """
+        await self._submit(_Deliver(ToSession(handler.session_id), self._encode(message)))
+
+    # --- messages out (nuropb_gw API) ---------------------------------------
+
+    async def send_message(self, session_id: str, message: Any) -> None:
+        """Send a message to one session, on whichever node holds it.
+
+        Messages to one session arrive in the order they were sent. A session
+        that is not (or no longer) registered is counted in ``drops``.
+
+        Raises:
+            TypeError: ``message`` cannot be JSON-encoded.
+            ValueError: the encoded message exceeds ``outbound_queue_bytes``.
+            HubClosedError: the hub is not running.
+        """
+        await self._submit(_Deliver(ToSession(session_id), self._encode(message)))
+
+    async def send_message_to_user_ids(self, user_ids: Iterable[str], message: Any) -> None:
+        """Send a message to every session of every listed user; encoded once.
+
+        For one user pass a list of one.
+
+        Raises:
+            TypeError: ``user_ids`` is a single string, or ``message`` cannot be encoded.
+            ValueError: the encoded message exceeds ``outbound_queue_bytes``.
+            HubClosedError: the hub is not running.
+        """
+        target = to_users(user_ids)
+        await self._submit(_Deliver(target, self._encode(message)))
+
+    async def send_message_to_all(self, message: Any) -> None:
+        """Send a message to every session; encoded once.
+
+        Raises:
+            TypeError: ``message`` cannot be JSON-encoded.
+            ValueError: the encoded message exceeds ``outbound_queue_bytes``.
+            HubClosedError: the hub is not running.
+        """
+        await self._submit(_Deliver(ToAll(), self._encode(message)))
+
+    # --- closing (nuropb_gw API) --------------------------------------------
+
+    def close(
+        self, session_id: str, *, code: int = CloseCode.NORMAL, reason: str = "closed by server"
+    ) -> None:
+        """Close one session; what is already queued for it is written first.
+
+        Raises:
+            HubClosedError: the hub is not running.
+            HubOverloadedError: the hub's command queue is full.
+        """
+        self._submit_nowait(_Close(ToSession(session_id), code, reason))
+
+    def close_user_ids(
+        self,
+        user_ids: Iterable[str],
+        *,
+        code: int = CloseCode.NORMAL,
+        reason: str = "closed by server",
+    ) -> None:
+        """Close every session of every listed user.
+
+        Raises:
+            TypeError: ``user_ids`` is a single string.
+            HubClosedError: the hub is not running.
+            HubOverloadedError: the hub's command queue is full.
+        """
+        self._submit_nowait(_Close(to_users(user_ids), code, reason))
+
+    def close_all(
+        self, *, code: int = CloseCode.NORMAL, reason: str = "closed by server"
+    ) -> None:
+        """Close every session.
+
+        Raises:
+            HubClosedError: the hub is not running.
+            HubOverloadedError: the hub's command queue is full.
+        """
+        self._submit_nowait(_Close(ToAll(), code, reason))
+
+    async def flush(self) -> None:
+        """Wait until the actor has handled every command submitted before this call.
+
+        Raises:
+            HubClosedError: the hub is not running.
+        """
+        await self._flush(internal=False)
+
+    async def _flush(self, *, internal: bool) -> None:
+        reply_send, reply_recv = trio.open_memory_channel[None](1)
+        await self._submit(_Flush(reply_send), internal=internal)
+        await reply_recv.receive()
+
+    # --- backplane inbox ------------------------------------------------------
+
+    async def deliver_from_backplane(self, message: BackplaneMessage) -> None:
+        """Carry out what another node published (called by the backplane)."""
+        match message:
+            case BackplaneDeliver(target=target, frame=frame):
+                await self._submit(_Deliver(target, frame, remote=True), internal=True)
+            case BackplaneClose(target=target, code=code, reason=reason):
+                await self._submit(_Close(target, code, reason, remote=True), internal=True)
+
+    # --- commands ------------------------------------------------------------
+
+    def _encode(self, message: Any) -> Frame:
+        frame = encode_frame(message)
+        limit = self._config.outbound_queue_bytes
+        if len(frame.wire) > limit:
+            raise ValueError(
+                f"message of {len(frame.wire)} bytes exceeds outbound_queue_bytes ({limit}); "
+                "no client could receive it"
+            )
+        return frame
+
+    def _check_running(self, internal: bool) -> None:
+        if self._state is _State.RUNNING or (internal and self._state is _State.CLOSING):
+            return
+        raise HubClosedError(f"hub {self._instance_id!r} is {self._state.value}, not running")
+
+    async def _submit(self, command: _Command, *, internal: bool = False) -> None:
+        self._check_running(internal)
+        try:
+            await self._commands_send.send(command)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise HubClosedError(f"hub {self._instance_id!r} has shut down") from None
+
+    def _submit_nowait(self, command: _Command) -> None:
+        self._check_running(False)
+        try:
+            self._commands_send.send_nowait(command)
+        except trio.WouldBlock:
+            raise HubOverloadedError(
+                f"hub {self._instance_id!r}: command queue full ({self._config.hub_queue_size})"
+            ) from None
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise HubClosedError(f"hub {self._instance_id!r} has shut down") from None
+
+    async def _register_session(self, session: Session) -> None:
+        await self._submit(_Register(session), internal=True)
+
+    async def _close_session(self, session: Session, code: int, reason: str) -> None:
+        try:
+            await self._submit(_Close(ToSession(session.session_id), code, reason, drain=False),
+                               internal=True)
+        except HubClosedError:
+            pass
+
+    # --- the actor: synchronous handlers, never awaiting a connection ---------
+
+    async def _run_actor(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        commands = self._commands_recv
+        task_status.started()
+        async with commands:
+            while True:
+                try:
+                    command = await commands.receive()
+                except trio.EndOfChannel:  # pragma: no cover - the send side is never closed
+                    return
+                for _ in range(_COMMAND_BATCH):
+                    self._handle(command)
+                    try:
+                        command = commands.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+
+    def _handle(self, command: _Command) -> None:
+        match command:
+            case _Deliver(target=target, frame=frame, remote=remote):
+                self._deliver(target, frame, remote)
+            case _Register(session=session):
+                self._on_register(session)
+            case _Unregister(session=session, close=close):
+                self._on_unregister(session, close)
+            case _Close(target=target, code=code, reason=reason, drain=drain, remote=remote):
+                self._on_close(target, code, reason, drain, remote)
+            case _Flush(reply=reply):
+                reply.send_nowait(None)
+
+    def _deliver(self, target: Target, frame: Frame, remote: bool) -> None:
+        recipients = self._registry.resolve(target)
+        counters = self._counters
+        for _session_id, session in recipients:
+            offer = session._offer_nowait(frame)
+            if offer is Offer.QUEUED:
+                continue
+            if offer is Offer.FULL:
+                self._slow_consumer(session)
+            counters.drops += 1
+        if not recipients and isinstance(target, ToSession) and is_local(target, self._instance_id):
+            counters.drops += 1
+            logger.debug("message for unknown session %s dropped", target.session_id)
+        if not remote and not is_local(target, self._instance_id):
+            if not self._backplane.publish_nowait(BackplaneDeliver(target, frame)):
+                counters.drops += 1
+
+    def _slow_consumer(self, session: Session) -> None:
+        self._counters.slow_consumer_closes += 1
+        logger.warning(
+            "session %s (user %s): slow consumer, closing with %d (%d messages, %d bytes queued)",
+            session.session_id,
+            session.user_id,
+            CloseCode.SLOW_CONSUMER,
+            session._out_recv.statistics().current_buffer_used,
+            session._queued_bytes,
+        )
+        self._apply(self._registry.unregister(session.session_id))
+        session._request_close(CloseCode.SLOW_CONSUMER, "slow consumer", drain=False)
+
+    def _on_register(self, session: Session) -> None:
+        if session.closing:
+            return
+        if self._state is not _State.RUNNING:
+            session._request_close(CloseCode.GOING_AWAY, "hub is shutting down", drain=False)
+            return
+        if self._registry.get(session.session_id) is session:
+            return
+        self._apply(self._registry.register(session.session_id, session.user_id, session))
+        session._offer_nowait(
+            encode_frame(hello_message(session.session_id, session.user_id, session.username))
+        )
+
+    def _on_unregister(self, session: Session, close: bool) -> None:
+        if self._registry.get(session.session_id) is session:
+            self._apply(self._registry.unregister(session.session_id))
+        if close:
+            session._request_close(CloseCode.NORMAL, "unregistered", drain=True)
+        else:
+            session._out_send.close()
+
+    def _on_close(self, target: Target, code: int, reason: str, drain: bool, remote: bool) -> None:
+        for session_id, session in self._registry.resolve(target):
+            self._apply(self._registry.unregister(session_id))
+            session._request_close(code, reason, drain=drain)
+        if not remote and not is_local(target, self._instance_id):
+            if not self._backplane.publish_nowait(BackplaneClose(target, code, reason)):
+                logger.warning("backplane dropped a close for %r", target)
+
+    def _apply(self, effects: tuple[Effect, ...]) -> None:
+        counters = self._counters
+        for effect in effects:
+            match effect:
+                case SessionAdded(session_id=session_id, user_id=user_id):
+                    counters.sessions_opened += 1
+                    counters.peak_connections = max(
+                        counters.peak_connections, self._registry.session_count
+                    )
+                    logger.info("session %s (user %s) registered", session_id, user_id)
+                case SessionRemoved(session_id=session_id, user_id=user_id):
+                    counters.sessions_closed += 1
+                    logger.info("session %s (user %s) unregistered", session_id, user_id)
+                case UserJoined() | UserLeft():
+                    pass  # a Redis backplane (un)subscribes the user's channel here
+
+    # --- connections -----------------------------------------------------------
+
+    async def _handle_request(self, request: WebSocketRequest) -> None:
+        """Authorize one handshake and run the session; the trio-websocket handler."""
+        counters, config = self._counters, self._config
+        if self._state is not _State.RUNNING:
+            await self._reject(request, 503, "shutting_down", "hub is shutting down")
+            return
+        if self._live_connections >= config.max_connections:
+            await self._reject(request, 503, "connection_limit", "connection limit reached")
+            return
+        self._live_connections += 1
+        counters.handshakes_in_progress += 1
+        in_handshake = True
+        session: Session | None = None
+        try:
+            remote = request.remote
+            peer = (str(remote.address), remote.port) if isinstance(remote, Endpoint) else None
+            handshake = Handshake.from_request(request.path, request.headers, peer)
+            origin = handshake.headers.get("origin")
+            if not self._origins.allows(origin):
+                await self._reject(request, 403, "origin", f"origin not allowed: {origin}")
+                return
+            identity = await self._authorize(request, handshake)
+            if identity is None:
+                return
+            ws = await request.accept()
+            counters.handshakes_in_progress -= 1
+            in_handshake = False
+            session = Session._create(
+                session_id=new_session_id(self._instance_id),
+                identity=identity,
+                remote=peer,
+                ws=ws,
+                hub=self,
+                config=config,
+            )
+            await session._run()
+        finally:
+            if in_handshake:
+                counters.handshakes_in_progress -= 1
+            if session is not None:
+                session._ended = True
+                closed = session._ws.closed
+                counters.closes_by_code[closed.code if closed is not None else 1006] += 1
+                # Unregister exactly once, whatever ended the connection; shielded so
+                # that a cancelled connection still leaves no registry entry behind.
+                with trio.CancelScope(shield=True):
+                    try:
+                        await self._commands_send.send(_Unregister(session, close=False))
+                    except (trio.ClosedResourceError, trio.BrokenResourceError):
+                        pass
+            self._live_connections -= 1
+            if self._live_connections == 0 and self._state is not _State.RUNNING:
+                self._all_connections_ended.set()
+
+    async def _authorize(self, request: WebSocketRequest, handshake: Handshake) -> Identity | None:
+        """Run the authorizer; answer the refusal itself and return None if refused."""
+        if self._authorizer is None:
+            logger.warning("handshake refused: no authorizer configured (pass authorizer=...)")
+            await self._reject(request, 401, "no_authorizer", "unauthorized")
+            return None
+        try:
+            with trio.fail_after(self._config.handshake_timeout):
+                identity = await self._authorizer(handshake)
+        except AuthRefused as exc:
+            await self._reject(request, exc.status, "refused", exc.reason)
+            return None
+        except trio.TooSlowError:
+            logger.warning("authorizer took longer than %ss", self._config.handshake_timeout)
+            await self._reject(request, 503, "authorizer_timeout", "authorization timed out")
+            return None
+        except Exception:
+            logger.exception("authorizer raised; handshake refused with 500")
+            await self._reject(request, 500, "authorizer_error", "authorization failed")
+            return None
+        if identity is None:
+            await self._reject(request, 401, "unauthorized", "unauthorized")
+            return None
+        if not isinstance(identity, Identity):
+            logger.error("authorizer returned %r, not an Identity; refused", type(identity))
+            await self._reject(request, 500, "authorizer_error", "authorization failed")
+            return None
+        return identity
+
+    async def _reject(self, request: WebSocketRequest, status: int, why: str, body: str) -> None:
+        self._counters.rejected_handshakes[why] += 1
+        logger.info("handshake from %s refused: %d %s", request.remote, status, body)
+        await request.reject(
+            status,
+            extra_headers=[(b"content-type", b"text/plain; charset=utf-8")],
+            body=body.encode(),
+        )
+
+    async def _shutdown(self) -> None:
+        """Close every session with 1001, draining their queues, within the grace period."""
+        if self._state is not _State.RUNNING:
+            return
+        self._state = _State.CLOSING
+        logger.info("hub %s shutting down: closing %d sessions", self._instance_id,
+                    self._registry.session_count)
+        await self._commands_send.send(
+            _Close(ToAll(), CloseCode.GOING_AWAY, "hub is shutting down", drain=True, remote=True)
+        )
+        if self._live_connections == 0:
+            return
+        with trio.move_on_after(self._config.shutdown_timeout):
+            await self._all_connections_ended.wait()
+
+
+@asynccontextmanager
+async def open_hub(
+    service_name: str = "trio-gw",
+    instance_id: str = "hub",
+    on_handler_message_received: MessageCallback | None = None,
+    *,
+    config: HubConfig | None = None,
+    authorizer: Authorizer | None = None,
+    backplane: Backplane | None = None,
+) -> AsyncIterator[HandlerManager]:
+    """Run a hub for the duration of the block.
+
+    The arguments are ``HandlerManager``'s. Accept clients with ``serve_hub``
+    inside the block.
+
+    Resource handling:
+        The hub owns its actor, its backplane and every connection task. On
+        leaving the block (normally, by an error or by cancellation) every
+        session is closed with 1001 after its queue is drained, for at most
+        ``config.shutdown_timeout`` seconds; connections still open after that
+        are cancelled. Only then does the actor stop, so each connection is
+        unregistered before the registry goes away.
+    """
+    hub = HandlerManager(
+        service_name,
+        instance_id,
+        on_handler_message_received,
+        config=config,
+        authorizer=authorizer,
+        backplane=backplane,
+    )
+    async with trio.open_nursery() as services:
+        await services.start(hub._run_actor)
+        await services.start(hub._backplane.serve, hub)
+        async with trio.open_nursery() as connections:
+            hub._connections = connections
+            hub._state = _State.RUNNING
+            try:
+                yield hub
+            finally:
+                with trio.CancelScope(shield=True):
+                    await hub._shutdown()
+                connections.cancel_scope.cancel()
+        # Every connection task has now submitted its unregister; let the actor
+        # handle them before it stops, so the registry is left empty.
+        with trio.CancelScope(shield=True):
+            await hub._flush(internal=True)
+        hub._state = _State.CLOSED
+        if hub._registry.session_count:  # pragma: no cover - would be a bug
+            logger.error("hub %s stopped with %d sessions registered", hub.instance_id,
+                         hub._registry.session_count)
+        services.cancel_scope.cancel()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def serve_hub(
+    hub: HandlerManager,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Accept WebSocket clients for ``hub`` until cancelled.
+
+    Start it with ``port = await nursery.start(serve_hub, hub)``: it reports the
+    bound port once it is listening.
+
+    Args:
+        hub: A running hub (inside ``open_hub``).
+        host: Interface to bind; ``hub.config.host`` if None.
+        port: Port to bind, 0 for any; ``hub.config.port`` if None.
+        ssl_context: Serve ``wss://`` with this context.
+        task_status: Receives the bound port.
+
+    Resource handling:
+        Cancelling it closes the listener only; the sessions belong to the hub
+        and stay up until the hub closes them.
+
+    Raises:
+        HubClosedError: the hub is not running.
+        ConfigError: the hub uses the dev authorizer and ``host`` is not loopback.
+        OSError: the address cannot be bound.
+    """
+    from ._devmode import dev_authorizer
+
+    if hub._connections is None or not hub.running:
+        raise HubClosedError("serve_hub needs a running hub: call it inside `async with open_hub()`")
+    host = hub.config.host if host is None else host
+    port = hub.config.port if port is None else port
+    if hub._authorizer is dev_authorizer and not _is_loopback(host):
+        raise ConfigError(
+            f"host: dev mode (token = user id, no real auth) binds loopback only, got {host!r}"
+        )
+    listeners: list[trio.SocketListener] | list[trio.SSLListener[trio.SocketStream]]
+    if ssl_context is None:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    else:
+        listeners = await trio.open_ssl_over_tcp_listeners(
+            port, ssl_context, host=host, https_compatible=True
+        )
+    server = WebSocketServer(
+        hub._handle_request,
+        listeners,
+        handler_nursery=hub._connections,
+        message_queue_size=4,
+        max_message_size=hub.config.max_message_size,
+        connect_timeout=hub.config.handshake_timeout,
+        disconnect_timeout=hub.config.close_timeout,
+    )
+    bound = server.listeners[0]
+    bound_port = bound.port if isinstance(bound, Endpoint) else port
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        logger.info(
+            "hub %s (%s) listening on %s", hub.instance_id, hub.service_name,
+            ", ".join(str(listener) for listener in server.listeners),
+        )
+        task_status.started(bound_port)
+        await trio.sleep_forever()
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -1,0 +1,312 @@
+"""One client connection once authorized: its tasks, its queues and how it closes."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from ._auth import Identity
+from ._close_codes import CloseCode
+from ._config import HubConfig
+from ._frames import Frame
+from ._transport import FrameWriter, make_writer
+
+if TYPE_CHECKING:
+    from ._hub import HandlerManager
+
+__all__ = ["Session"]
+
+logger = logging.getLogger("trio_gw")
+
+
+class Offer(enum.Enum):
+    """What happened to a frame offered to a session's outbound queue."""
+
+    QUEUED = enum.auto()
+    FULL = enum.auto()  # over the message or byte bound: a slow consumer
+    GONE = enum.auto()  # the session is closing; nothing more is written
+
+
+@attrs.frozen
+class _CloseRequest:
+    code: int
+    reason: str
+    drain: bool  # write what is queued first (shutdown) or drop it (slow consumer)
+
+
+@attrs.define(eq=False, repr=False)
+class Session:
+    """One authorized WebSocket connection (nuropb_gw calls it a handler).
+
+    The hub creates a session for each connection it accepts and registers it.
+    A session runs four tasks in its own nursery:
+
+    * the reader drains trio-websocket's ``get_message()`` into the bounded
+      inbound channel, so pings and close frames are always handled;
+    * the dispatcher hands inbound messages to ``on_handler_message``, one at a
+      time by default (``max_inflight_per_session``);
+    * the writer is the only task that writes messages to the socket; it takes
+      everything queued on the outbound channel and writes it in one go;
+    * the heartbeat pings the client and closes it if no pong comes back.
+
+    Resource handling:
+        The outbound channel's send side belongs to the hub actor, which feeds
+        it with ``send_nowait`` and closes it when it unregisters the session.
+        The session's own tasks never outlive the connection.
+    """
+
+    session_id: str
+    identity: Identity
+    remote: tuple[str, int] | None
+    connected_at: float
+    _ws: WebSocketConnection
+    _hub: HandlerManager
+    _config: HubConfig
+    _writer: FrameWriter
+    _out_send: trio.MemorySendChannel[Frame]
+    _out_recv: trio.MemoryReceiveChannel[Frame]
+    _in_send: trio.MemorySendChannel[str | bytes]
+    _in_recv: trio.MemoryReceiveChannel[str | bytes]
+    _queued_bytes: int = 0
+    _close: _CloseRequest | None = None
+    _nursery: trio.Nursery | None = None
+    _writer_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    _writer_done: trio.Event = attrs.Factory(trio.Event)
+    _close_done: trio.Event = attrs.Factory(trio.Event)
+    _reader_blocked: bool = False
+    _ended: bool = False
+
+    @classmethod
+    def _create(
+        cls,
+        *,
+        session_id: str,
+        identity: Identity,
+        remote: tuple[str, int] | None,
+        ws: WebSocketConnection,
+        hub: HandlerManager,
+        config: HubConfig,
+    ) -> Session:
+        out_send, out_recv = trio.open_memory_channel[Frame](config.outbound_queue_size)
+        in_send, in_recv = trio.open_memory_channel[str | bytes](config.inbound_queue_size)
+        return cls(
+            session_id,
+            identity,
+            remote,
+            time.time(),
+            ws,
+            hub,
+            config,
+            make_writer(ws, fast=config.writer == "fast"),
+            out_send,
+            out_recv,
+            in_send,
+            in_recv,
+        )
+
+    def __repr__(self) -> str:
+        return f"<Session {self.session_id} user={self.user_id!r}>"
+
+    @property
+    def user_id(self) -> str:
+        """The user this session belongs to."""
+        return self.identity.user_id
+
+    @property
+    def username(self) -> str:
+        """The user's display name."""
+        return self.identity.username
+
+    @property
+    def claims(self) -> Mapping[str, Any]:
+        """What the authorizer learned about the user."""
+        return self.identity.claims
+
+    @property
+    def closing(self) -> bool:
+        """True once the hub has asked this session to close."""
+        return self._close is not None
+
+    # --- called by the hub actor: synchronous, never waits -------------------
+
+    def _offer_nowait(self, frame: Frame) -> Offer:
+        size = len(frame.wire)
+        if self._queued_bytes + size > self._config.outbound_queue_bytes:
+            return Offer.FULL
+        try:
+            self._out_send.send_nowait(frame)
+        except trio.WouldBlock:
+            return Offer.FULL
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return Offer.GONE
+        self._queued_bytes += size
+        return Offer.QUEUED
+
+    def _request_close(self, code: int, reason: str, *, drain: bool) -> None:
+        """Start closing; the actor has already unregistered the session."""
+        if self._close is not None or self._ended:
+            return
+        self._close = _CloseRequest(code, reason, drain)
+        self._out_send.close()
+        if self._nursery is not None:
+            self._nursery.start_soon(self._close_procedure)
+
+    # --- the session's own tasks ----------------------------------------------
+
+    async def _run(self) -> None:
+        """Run the connection until it ends; the caller unregisters afterwards."""
+        config = self._config
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._write_loop)
+            dispatcher_done = trio.Event()
+            nursery.start_soon(self._dispatch_loop, dispatcher_done)
+            if config.heartbeat_interval > 0:
+                nursery.start_soon(self._heartbeat_loop)
+            if self._close is not None:  # asked to close before the nursery existed
+                nursery.start_soon(self._close_procedure)
+            await self._hub._register_session(self)
+            await self._read_loop()
+            if self._close is not None:
+                await self._close_done.wait()
+            # Messages the client sent before it left are still processed
+            # (their side effects may matter), but not for longer than a close may take.
+            with trio.move_on_after(config.close_timeout):
+                await dispatcher_done.wait()
+            nursery.cancel_scope.cancel()
+
+    async def _read_loop(self) -> None:
+        ws, inbound, counters = self._ws, self._in_send, self._hub._counters
+        try:
+            while True:
+                message = await ws.get_message()
+                counters.messages_in += 1
+                counters.bytes_in += (
+                    len(message.encode()) if isinstance(message, str) else len(message)
+                )
+                try:
+                    inbound.send_nowait(message)
+                except trio.WouldBlock:
+                    # The backend is behind: stop reading, so TCP pushes back on
+                    # the client. The heartbeat knows the client is alive meanwhile.
+                    self._reader_blocked = True
+                    try:
+                        await inbound.send(message)
+                    finally:
+                        self._reader_blocked = False
+        except ConnectionClosed:
+            pass
+        finally:
+            inbound.close()
+
+    async def _dispatch_loop(self, done: trio.Event) -> None:
+        hub, limit = self._hub, self._config.max_inflight_per_session
+        try:
+            if limit == 1:
+                async for message in self._in_recv:
+                    await hub.on_handler_message(self, message)
+                return
+            slots = trio.Semaphore(limit)
+
+            async def process(message: str | bytes) -> None:
+                try:
+                    await hub.on_handler_message(self, message)
+                finally:
+                    slots.release()
+
+            async with trio.open_nursery() as nursery:
+                async for message in self._in_recv:
+                    await slots.acquire()
+                    nursery.start_soon(process, message)
+        finally:
+            done.set()
+
+    async def _write_loop(self) -> None:
+        recv, writer, counters = self._out_recv, self._writer, self._hub._counters
+        max_write = self._config.max_write_bytes
+        try:
+            with self._writer_scope:
+                while True:
+                    try:
+                        frame = await recv.receive()
+                    except trio.EndOfChannel:
+                        return
+                    batch = [frame]
+                    size = len(frame.wire)
+                    while size < max_write:
+                        try:
+                            frame = recv.receive_nowait()
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                        batch.append(frame)
+                        size += len(frame.wire)
+                    self._queued_bytes -= size
+                    if not await writer.write(batch):
+                        counters.drops += len(batch)
+                        self._transport_lost()
+                        return
+                    counters.messages_out += len(batch)
+                    counters.bytes_out += size
+                    if self._close is not None and not self._close.drain:
+                        return
+        finally:
+            self._writer_done.set()
+
+    def _transport_lost(self) -> None:
+        # The socket broke or the client started closing. trio-websocket's
+        # reader sees that too, but if it is parked (its queue full) nothing
+        # would end the session: end it here unless a close is under way.
+        if self._close is None and self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def _heartbeat_loop(self) -> None:
+        interval, timeout = self._config.heartbeat_interval, self._config.heartbeat_timeout
+        while True:
+            await trio.sleep(interval)
+            if self._reader_blocked:
+                continue  # the client is sending faster than we read: it is alive
+            with trio.move_on_after(timeout) as scope:
+                try:
+                    await self._ws.ping()
+                except ConnectionClosed:
+                    return
+            if scope.cancelled_caught and not self._reader_blocked:
+                logger.info(
+                    "session %s (user %s): no pong within %ss, closing",
+                    self.session_id,
+                    self.user_id,
+                    timeout,
+                )
+                await self._hub._close_session(self, CloseCode.NO_PONG, "no pong")
+                return
+
+    async def _close_procedure(self) -> None:
+        request = self._close
+        assert request is not None
+        timeout = self._config.close_timeout
+        try:
+            with trio.move_on_after(timeout):
+                await self._writer_done.wait()
+            dropped = self._out_recv.statistics().current_buffer_used
+            self._hub._counters.drops += dropped
+            if not self._writer_done.is_set():
+                # The client is not reading: a frame may be half written, so a
+                # close frame cannot follow it. Abort the TCP connection instead.
+                self._writer_scope.cancel()
+                await trio.aclose_forcefully(self._ws)
+                return
+            with trio.move_on_after(timeout) as scope:
+                await self._ws.aclose(request.code, request.reason)
+            if scope.cancelled_caught:
+                await trio.aclose_forcefully(self._ws)
+        finally:
+            self._close_done.set()
+
+
