@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Awaitable, Callable, Mapping
-from http.cookies import CookieError, SimpleCookie
 from types import MappingProxyType
 from typing import Any, TypeAlias
 from urllib.parse import parse_qs, urlsplit
@@ -25,7 +24,7 @@ _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 # nuropb_gw accepts "Bearer x", "Bearer:x" and "Bearer :x"; a separator is required
 # so that a header of "Bearerx" is not read as the token "x".
-_BEARER = re.compile(r"^\s*bearer(?:\s+|\s*:\s*)(\S+)\s*$", re.IGNORECASE)
+_BEARER = re.compile(r"^\s*bearer(?:\s*:\s*|\s+)(\S+)\s*$", re.IGNORECASE)
 
 
 @attrs.frozen
@@ -83,20 +82,33 @@ class Handshake:
             name = raw_name.decode("latin-1").lower()
             value = raw_value.decode("latin-1")
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
-        cookies: dict[str, str] = {}
-        if "cookie" in headers:
-            jar: SimpleCookie = SimpleCookie()
-            try:
-                jar.load(headers["cookie"].replace(", ", "; "))
-            except CookieError:
-                pass  # a malformed cookie header is treated as no cookies
-            cookies = {k: m.value for k, m in jar.items()}
+        cookies = _parse_cookies(headers.get("cookie", ""))
         return cls(split.path or "/", query, headers, cookies, remote)
 
     def first_query(self, name: str) -> str | None:
         """The first value of query parameter ``name``, or None."""
         values = self.query.get(name)
         return values[0] if values else None
+
+
+def _parse_cookies(header: str) -> dict[str, str]:
+    """Parse a Cookie header the lenient way browsers send it.
+
+    ``http.cookies.SimpleCookie`` drops the whole header at the first value it
+    finds invalid, such as ``Authorization=Bearer x`` (a space), which is exactly
+    the cookie nuropb_gw clients send; so pairs are split by hand: ``;`` between
+    pairs, the first ``=`` inside one, optional double quotes around a value.
+    """
+    cookies: dict[str, str] = {}
+    for pair in header.split(";"):
+        name, sep, value = pair.partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or not name:
+            continue
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        cookies.setdefault(name, value)
+    return cookies
 
 
 #: An authorizer turns a handshake into an identity, or refuses it by returning

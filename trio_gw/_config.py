@@ -7,7 +7,7 @@ import os
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import attrs
 import cattrs
@@ -27,20 +27,26 @@ def _check(
     """Build an attrs validator whose error names the field, the value and what is allowed."""
 
     def validate(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-        if isinstance(value, bool) and attribute.type in ("int", "float"):
-            raise ConfigError(f"{attribute.name}: expected {allowed}, got {value!r}")
         if not predicate(value):
             raise ConfigError(f"{attribute.name}: expected {allowed}, got {value!r}")
 
     return validate
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # True is an int to Python, not to us
+
+
 def _positive_int(v: Any) -> bool:
-    return isinstance(v, int) and v > 0
+    return _is_int(v) and v > 0
+
+
+def _port(v: Any) -> bool:
+    return _is_int(v) and 0 <= v <= 65535
 
 
 def _non_negative_number(v: Any) -> bool:
-    return isinstance(v, int | float) and math.isfinite(v) and v >= 0
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v) and v >= 0
 
 
 def _positive_number(v: Any) -> bool:
@@ -69,7 +75,7 @@ class HubConfig:
     #: TCP port; 0 lets the OS choose (the bound port is reported by ``serve_hub``).
     port: int = attrs.field(
         default=8765,
-        validator=_check(lambda v: isinstance(v, int) and 0 <= v <= 65535, "an integer 0..65535"),
+        validator=_check(_port, "an integer 0..65535"),
     )
     #: Connections held at once, handshakes included; the next one gets HTTP 503.
     max_connections: int = attrs.field(
@@ -138,7 +144,7 @@ class HubConfig:
     #: "fast" frames a message once and writes queued frames in one syscall (it
     #: uses trio-websocket internals, checked at start-up); "portable" uses only
     #: trio-websocket's public ``send_message``.
-    writer: Literal["fast", "portable"] = attrs.field(
+    writer: str = attrs.field(
         default="fast", validator=_check(lambda v: v in ("fast", "portable"), "'fast' or 'portable'")
     )
 
@@ -157,7 +163,8 @@ class HubConfig:
             causes = [e for e in _leaves(exc) if isinstance(e, ConfigError)]
             if causes:
                 raise ConfigError("; ".join(str(c) for c in causes)) from None
-            raise ConfigError("; ".join(cattrs.transform_error(exc, path="config"))) from None
+            raise ConfigError("; ".join(_field_first(m) for m in cattrs.transform_error(
+                exc, path="config", format_exception=_format_exception))) from None
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> HubConfig:
@@ -206,6 +213,21 @@ class HubConfig:
         return attrs.evolve(self, **changes)
 
 
+def _format_exception(exc: BaseException, _type: Any) -> str:
+    if isinstance(exc, KeyError):
+        return "required field missing"
+    if isinstance(exc, cattrs.ForbiddenExtraKeysError):
+        return f"unknown field(s): {', '.join(sorted(exc.extra_fields))}"
+    return str(exc)
+
+
+def _field_first(message: str) -> str:
+    """Turn cattrs's "problem @ config.port" into "port: problem"."""
+    problem, _, path = message.rpartition(" @ ")
+    field = path.removeprefix("config").lstrip(".")
+    return f"{field}: {problem}" if field else problem
+
+
 def _leaves(exc: BaseException) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
@@ -218,7 +240,10 @@ def _structure_int(value: Any, _type: type) -> int:
     if isinstance(value, int):
         return value
     if isinstance(value, str):
-        return int(value.strip())
+        try:
+            return int(value.strip())
+        except ValueError:
+            raise ValueError(f"expected an integer, got {value!r}") from None
     if isinstance(value, float) and value.is_integer():
         return int(value)
     raise ValueError(f"expected an integer, got {value!r}")
@@ -230,7 +255,10 @@ def _structure_float(value: Any, _type: type) -> float:
     if isinstance(value, int | float):
         return float(value)
     if isinstance(value, str):
-        return float(value.strip())
+        try:
+            return float(value.strip())
+        except ValueError:
+            raise ValueError(f"expected a number, got {value!r}") from None
     raise ValueError(f"expected a number, got {value!r}")
 
 

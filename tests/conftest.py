@@ -1,0 +1,76 @@
+"""Shared helpers: a hub on a real socket, and real clients.
+
+Rules for this suite :
+
+* every test that does I/O runs under ``trio.fail_after``;
+* sockets are real, on 127.0.0.1 with port 0; no mocks;
+* no timing thresholds: speed is measured in ``benchmarks/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+import pytest
+import trio
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+from trio_gw import HandlerManager, HubConfig, MessageCallback, dev_authorizer, open_hub, serve_hub
+from trio_gw._auth import Authorizer
+
+# Generous: these guard against hangs, they are not performance assertions.
+TIMEOUT = 20
+
+
+@asynccontextmanager
+async def running_hub(
+    callback: MessageCallback | None = None,
+    *,
+    authorizer: Authorizer | None = dev_authorizer,
+    **config: Any,
+) -> AsyncIterator[tuple[HandlerManager, str]]:
+    """A hub served on 127.0.0.1 at a free port; yields (hub, "ws://127.0.0.1:PORT")."""
+    hub_config = HubConfig(host="127.0.0.1", port=0, **config)
+    async with open_hub(
+        "test", "node1", callback, config=hub_config, authorizer=authorizer
+    ) as hub, trio.open_nursery() as nursery:
+        port = await nursery.start(serve_hub, hub)
+        yield hub, f"ws://127.0.0.1:{port}"
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def client(
+    url: str, token: str, **kwargs: Any
+) -> AsyncIterator[tuple[WebSocketConnection, dict[str, Any]]]:
+    """A trio-websocket client connected as user ``token``; yields (ws, hello event)."""
+    async with open_websocket_url(f"{url}/?token={token}", **kwargs) as ws:
+        try:
+            hello = orjson.loads(await ws.get_message())
+            assert hello["payload"]["topic"] == "hello"
+            yield ws, hello["payload"]["event"]
+        finally:
+            # trio-websocket 0.12.2's *client* never closes its socket when the
+            # server closes first (its reader stops at EOF in state CLOSED), which
+            # pytest reports as a ResourceWarning. Close it here; the server side
+            # is not affected.
+            await trio.aclose_forcefully(ws._stream)
+
+
+async def receive_json(ws: WebSocketConnection) -> Any:
+    """The next message, JSON-decoded."""
+    return orjson.loads(await ws.get_message())
+
+
+async def wait_for(predicate: Any, interval: float = 0.005) -> None:
+    """Poll a condition that the hub's own tasks make true (under the caller's fail_after)."""
+    while not predicate():
+        await trio.sleep(interval)
+
+
+@pytest.fixture
+def fail_after() -> Any:
+    return trio.fail_after(TIMEOUT)
