@@ -12,7 +12,8 @@ from typing import Any
 import orjson
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, open_websocket_url
+import trio.lowlevel
+from trio_websocket import ConnectionClosed
 
 from trio_gw import CloseCode, HubClosedError, Reply, Session
 from trio_gw._transport import FastWriter, PortableWriter
@@ -28,7 +29,7 @@ async def echo(reply: Reply, handler: Session, message: Any) -> None:
 
 async def test_hello_carries_session_and_user(writer: str) -> None:
     with trio.fail_after(TIMEOUT):
-        async with running_hub(writer=writer) as (hub, url), client(url, "alice") as (ws, hello):
+        async with running_hub(writer=writer) as (hub, url), client(url, "alice") as (_, hello):
             assert hello["user_id"] == "alice"
             assert hello["username"] == "alice"
             assert hello["session_id"].startswith("node1:")
@@ -99,9 +100,12 @@ async def test_to_handler_message_encodes_by_type(writer: str) -> None:
         await reply(handler, {"json": message})
 
     with trio.fail_after(TIMEOUT):
-        async with running_hub(reply_three_ways, writer=writer) as (_, url), client(url, "a") as (
-            ws,
-            _,
+        async with (
+            running_hub(reply_three_ways, writer=writer) as (_, url),
+            client(url, "a") as (
+                ws,
+                _,
+            ),
         ):
             await ws.send_message('{"q": 1}')
             assert await ws.get_message() == "text as is"
@@ -187,17 +191,20 @@ async def test_per_session_order_under_concurrent_senders(writer: str) -> None:
     with trio.fail_after(TIMEOUT):
         # The hub never slows producers down; the queue must hold the whole burst
         # or the (portable, one-syscall-per-frame) writer's client counts as slow.
-        async with running_hub(writer=writer, outbound_queue_size=senders * per_sender) as (
-            hub,
-            url,
-        ), client(url, "a") as (ws, hello):
+        async with (
+            running_hub(writer=writer, outbound_queue_size=senders * per_sender) as (
+                hub,
+                url,
+            ),
+            client(url, "a") as (ws, hello),
+        ):
             sid = hello["session_id"]
 
             async def send_run(sender: int) -> None:
                 for i in range(per_sender):
                     await hub.send_message(sid, {"s": sender, "i": i})
                     if i % 7 == 0:
-                        await trio.sleep(0)
+                        await trio.lowlevel.checkpoint()
 
             async with trio.open_nursery() as nursery:
                 for sender in range(senders):
@@ -214,7 +221,9 @@ async def test_sequential_by_default_concurrent_when_configured(writer: str) -> 
     for inflight, expected in ((1, ["first", "second"]), (2, ["second", "first"])):
         release = trio.Event()
 
-        async def gate(reply: Reply, handler: Session, message: Any, release: trio.Event = release) -> None:
+        async def gate(
+            reply: Reply, handler: Session, message: Any, release: trio.Event = release
+        ) -> None:
             if message == "first":
                 with trio.move_on_after(0.5):  # bounded: a sequential hub never sets it
                     await release.wait()
@@ -223,10 +232,13 @@ async def test_sequential_by_default_concurrent_when_configured(writer: str) -> 
             await reply(handler, [message])
 
         with trio.fail_after(TIMEOUT):
-            async with running_hub(gate, writer=writer, max_inflight_per_session=inflight) as (
-                _,
-                url,
-            ), client(url, "a") as (ws, _):
+            async with (
+                running_hub(gate, writer=writer, max_inflight_per_session=inflight) as (
+                    _,
+                    url,
+                ),
+                client(url, "a") as (ws, _),
+            ):
                 await ws.send_message('"first"')
                 await ws.send_message('"second"')
                 got = [(await receive_json(ws))[0], (await receive_json(ws))[0]]

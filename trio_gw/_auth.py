@@ -27,6 +27,11 @@ _EMPTY: Mapping[str, Any] = MappingProxyType({})
 _BEARER = re.compile(r"^\s*bearer(?:\s*:\s*|\s+)(\S+)\s*$", re.IGNORECASE)
 
 
+def _readonly(value: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A read-only copy, so that frozen values stay frozen."""
+    return MappingProxyType(dict(value))
+
+
 @attrs.frozen
 class Identity:
     """Who a connection belongs to, as decided by the authorizer.
@@ -42,7 +47,7 @@ class Identity:
         default=attrs.Factory(lambda self: self.user_id, takes_self=True),
         validator=attrs.validators.instance_of(str),
     )
-    claims: Mapping[str, Any] = attrs.field(default=_EMPTY, converter=MappingProxyType)
+    claims: Mapping[str, Any] = attrs.field(default=_EMPTY, converter=_readonly)
 
     def __attrs_post_init__(self) -> None:
         if not self.user_id:
@@ -62,9 +67,9 @@ class Handshake:
     """
 
     path: str
-    query: Mapping[str, tuple[str, ...]] = attrs.field(default=_EMPTY, converter=MappingProxyType)
-    headers: Mapping[str, str] = attrs.field(default=_EMPTY, converter=MappingProxyType)
-    cookies: Mapping[str, str] = attrs.field(default=_EMPTY, converter=MappingProxyType)
+    query: Mapping[str, tuple[str, ...]] = attrs.field(default=_EMPTY, converter=_readonly)
+    headers: Mapping[str, str] = attrs.field(default=_EMPTY, converter=_readonly)
+    cookies: Mapping[str, str] = attrs.field(default=_EMPTY, converter=_readonly)
     remote: tuple[str, int] | None = None
 
     @classmethod
@@ -116,7 +121,7 @@ def _parse_cookies(header: str) -> dict[str, str]:
 Authorizer: TypeAlias = Callable[[Handshake], Awaitable[Identity | None]]
 
 #: Checks a token; may be sync or async. Returns the identity, or None to refuse.
-TokenChecker: TypeAlias = Callable[[str], "Identity | None | Awaitable[Identity | None]"]
+TokenChecker: TypeAlias = Callable[[str], "Identity | Awaitable[Identity | None] | None"]
 
 
 def extract_token(handshake: Handshake) -> str | None:

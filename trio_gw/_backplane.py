@@ -72,7 +72,10 @@ class Backplane(Protocol):
         ...
 
     async def serve(
-        self, inbox: BackplaneInbox, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        inbox: BackplaneInbox,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> NoReturn:
         """Run the backplane's connections; call ``task_status.started()`` once ready."""
         ...
@@ -94,7 +97,10 @@ class LocalBackplane:
         return True
 
     async def serve(
-        self, inbox: BackplaneInbox, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        inbox: BackplaneInbox,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> NoReturn:
         """Report ready and wait to be cancelled."""
         task_status.started()

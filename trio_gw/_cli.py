@@ -15,7 +15,7 @@ import trio
 from ._config import HubConfig
 from ._devmode import dev_authorizer, echo_backend
 from ._errors import ConfigError
-from ._hub import open_hub, serve_hub
+from ._hub import is_loopback, open_hub, serve_hub
 
 __all__ = ["main"]
 
@@ -63,9 +63,10 @@ async def _serve(config: HubConfig) -> None:
         "DEV MODE: any bearer token (or ?token=) is accepted as the user id, and requests "
         "are echoed back. Not for production; bound to loopback only."
     )
-    async with open_hub(
-        "trio-gw", "hub", echo_backend, config=config, authorizer=dev_authorizer
-    ) as hub, trio.open_nursery() as nursery:
+    async with (
+        open_hub("trio-gw", "hub", echo_backend, config=config, authorizer=dev_authorizer) as hub,
+        trio.open_nursery() as nursery,
+    ):
         port = await nursery.start(serve_hub, hub)
         logger.info("ready: ws://%s:%d/?token=<user id>", config.host, port)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -91,12 +92,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         print("configuration OK")
         return 0
+    if not is_loopback(config.host):
+        print(
+            f"trio-gw: invalid configuration: host: dev mode (token = user id, no real auth) "
+            f"binds loopback only, got {config.host!r}",
+            file=sys.stderr,
+        )
+        return 2
     try:
         trio.run(_serve, config)
-    except ConfigError as exc:
-        print(f"trio-gw: invalid configuration: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"trio-gw: cannot serve on {config.host}:{config.port}: {exc}", file=sys.stderr)
-        return 1
+    except BaseException as exc:
+        error = _single_error(exc)
+        if isinstance(error, ConfigError):
+            print(f"trio-gw: invalid configuration: {error}", file=sys.stderr)
+            return 2
+        if isinstance(error, OSError):
+            print(f"trio-gw: cannot serve on {config.host}:{config.port}: {error}", file=sys.stderr)
+            return 1
+        raise
     return 0
+
+
+def _single_error(exc: BaseException) -> BaseException:
+    """The one error inside nested single-member exception groups, or ``exc`` itself."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

@@ -1,15 +1,17 @@
 """The close codes the hub sends, in one table.
 
-| code | name | when | should the client reconnect? |
-|------|------|------|------------------------------|
-| 1000 | NORMAL | closed by the application (``close``, ``close_user_ids``, ``close_all``) | no |
-| 1001 | GOING_AWAY | the hub is shutting down | yes, with backoff |
-| 1008 | POLICY_VIOLATION | the client broke a rule (e.g. a frame that is not allowed) | no |
-| 1009 | MESSAGE_TOO_BIG | a client message exceeded ``max_message_size`` | no, not with that message |
-| 1011 | SERVER_ERROR | the hub hit an unexpected error for this connection | yes, with backoff |
-| 4005 | AUTH_EXPIRED | the client's credentials expired and were not refreshed | yes, with a fresh token |
-| 4008 | SLOW_CONSUMER | the client did not read fast enough; its outbound queue overflowed | yes, and read faster |
-| 4012 | NO_PONG | no pong arrived within ``heartbeat_timeout`` | yes |
+======  ================  =========================================  ==================
+code    name              when                                       client should
+======  ================  =========================================  ==================
+1000    NORMAL            closed by ``close*``/``unregister``        not reconnect
+1001    GOING_AWAY        the hub is shutting down                   reconnect, backoff
+1008    POLICY_VIOLATION  the client broke a protocol rule           not reconnect
+1009    MESSAGE_TOO_BIG   a message exceeded ``max_message_size``    not resend it
+1011    SERVER_ERROR      the hub failed on this connection (logged)  reconnect, backoff
+4005    AUTH_EXPIRED      credentials expired, not refreshed          reconnect, new token
+4008    SLOW_CONSUMER     its outbound queue overflowed              reconnect, read faster
+4012    NO_PONG           no pong within ``heartbeat_timeout``       reconnect
+======  ================  =========================================  ==================
 
 The 4000-4999 range is reserved by RFC 6455 for private use, so these codes
 cannot clash with registered ones.

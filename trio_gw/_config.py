@@ -145,7 +145,8 @@ class HubConfig:
     #: uses trio-websocket internals, checked at start-up); "portable" uses only
     #: trio-websocket's public ``send_message``.
     writer: str = attrs.field(
-        default="fast", validator=_check(lambda v: v in ("fast", "portable"), "'fast' or 'portable'")
+        default="fast",
+        validator=_check(lambda v: v in ("fast", "portable"), "'fast' or 'portable'"),
     )
 
     @classmethod
@@ -163,8 +164,14 @@ class HubConfig:
             causes = [e for e in _leaves(exc) if isinstance(e, ConfigError)]
             if causes:
                 raise ConfigError("; ".join(str(c) for c in causes)) from None
-            raise ConfigError("; ".join(_field_first(m) for m in cattrs.transform_error(
-                exc, path="config", format_exception=_format_exception))) from None
+            raise ConfigError(
+                "; ".join(
+                    _field_first(m)
+                    for m in cattrs.transform_error(
+                        exc, path="config", format_exception=_format_exception
+                    )
+                )
+            ) from None
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> HubConfig:

@@ -5,8 +5,8 @@ The tree, and whose fault each one is::
     GatewayError                 base of everything trio_gw raises on purpose
     ├── ConfigError              the operator's: a setting has a bad value (names the field)
     ├── HubClosedError           the caller's: the hub is not running (not started, or shut down)
-    ├── HubOverloadedError       load: the hub's command queue is full; retry or slow down
-    └── AuthRefused              the remote side's: a handshake was refused (carries the HTTP status)
+    ├── HubOverloadedError       load: the hub's command queue is full; retry later
+    └── AuthRefused              the remote side's: a handshake was refused (with HTTP status)
 
 Errors caused by a client (bad JSON, a raising backend callback, an oversized
 message, a slow reader) are never raised into the hub: they are answered with an

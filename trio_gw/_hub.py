@@ -7,7 +7,7 @@ import ipaddress
 import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any, NoReturn, TypeAlias
 
 import attrs
@@ -16,7 +16,13 @@ import trio
 from trio_websocket import Endpoint, WebSocketRequest, WebSocketServer
 
 from ._auth import Authorizer, Handshake, Identity
-from ._backplane import Backplane, BackplaneClose, BackplaneDeliver, BackplaneMessage, LocalBackplane
+from ._backplane import (
+    Backplane,
+    BackplaneClose,
+    BackplaneDeliver,
+    BackplaneMessage,
+    LocalBackplane,
+)
 from ._close_codes import CloseCode
 from ._config import HubConfig
 from ._errors import AuthRefused, ConfigError, HubClosedError, HubOverloadedError
@@ -125,7 +131,9 @@ class HandlerManager:
         backplane: Backplane | None = None,
     ) -> None:
         if not instance_id or ":" in instance_id:
-            raise ConfigError(f"instance_id: expected a non-empty id without ':', got {instance_id!r}")
+            raise ConfigError(
+                f"instance_id: expected a non-empty id without ':', got {instance_id!r}"
+            )
         self._service_name = service_name
         self._instance_id = instance_id
         self._on_handler_message_received = on_handler_message_received
@@ -336,9 +344,7 @@ class HandlerManager:
         """
         self._submit_nowait(_Close(to_users(user_ids), code, reason))
 
-    def close_all(
-        self, *, code: int = CloseCode.NORMAL, reason: str = "closed by server"
-    ) -> None:
+    def close_all(self, *, code: int = CloseCode.NORMAL, reason: str = "closed by server") -> None:
         """Close every session.
 
         Raises:
@@ -409,15 +415,16 @@ class HandlerManager:
         await self._submit(_Register(session), internal=True)
 
     async def _close_session(self, session: Session, code: int, reason: str) -> None:
-        try:
-            await self._submit(_Close(ToSession(session.session_id), code, reason, drain=False),
-                               internal=True)
-        except HubClosedError:
-            pass
+        with suppress(HubClosedError):  # shutting down: the session closes anyway
+            await self._submit(
+                _Close(ToSession(session.session_id), code, reason, drain=False), internal=True
+            )
 
     # --- the actor: synchronous handlers, never awaiting a connection ---------
 
-    async def _run_actor(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _run_actor(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         commands = self._commands_recv
         task_status.started()
         async with commands:
@@ -459,9 +466,12 @@ class HandlerManager:
         if not recipients and isinstance(target, ToSession) and is_local(target, self._instance_id):
             counters.drops += 1
             logger.debug("message for unknown session %s dropped", target.session_id)
-        if not remote and not is_local(target, self._instance_id):
-            if not self._backplane.publish_nowait(BackplaneDeliver(target, frame)):
-                counters.drops += 1
+        if (
+            not remote
+            and not is_local(target, self._instance_id)
+            and not self._backplane.publish_nowait(BackplaneDeliver(target, frame))
+        ):
+            counters.drops += 1
 
     def _slow_consumer(self, session: Session) -> None:
         self._counters.slow_consumer_closes += 1
@@ -501,9 +511,12 @@ class HandlerManager:
         for session_id, session in self._registry.resolve(target):
             self._apply(self._registry.unregister(session_id))
             session._request_close(code, reason, drain=drain)
-        if not remote and not is_local(target, self._instance_id):
-            if not self._backplane.publish_nowait(BackplaneClose(target, code, reason)):
-                logger.warning("backplane dropped a close for %r", target)
+        if (
+            not remote
+            and not is_local(target, self._instance_id)
+            and not self._backplane.publish_nowait(BackplaneClose(target, code, reason))
+        ):
+            logger.warning("backplane dropped a close for %r", target)
 
     def _apply(self, effects: tuple[Effect, ...]) -> None:
         counters = self._counters
@@ -558,21 +571,31 @@ class HandlerManager:
                 hub=self,
                 config=config,
             )
-            await session._run()
+            try:
+                await session._run()
+            except Exception:
+                # A bug in the hub or an exception that escaped the backend: it
+                # ends this connection only, never the hub and its other clients.
+                logger.exception(
+                    "session %s (user %s) failed; closing it with %d",
+                    session.session_id,
+                    session.user_id,
+                    CloseCode.SERVER_ERROR,
+                )
+                await session._close_after_failure()
         finally:
             if in_handshake:
                 counters.handshakes_in_progress -= 1
             if session is not None:
                 session._ended = True
-                closed = session._ws.closed
-                counters.closes_by_code[closed.code if closed is not None else 1006] += 1
+                counters.closes_by_code[session.close_code] += 1
                 # Unregister exactly once, whatever ended the connection; shielded so
                 # that a cancelled connection still leaves no registry entry behind.
-                with trio.CancelScope(shield=True):
-                    try:
-                        await self._commands_send.send(_Unregister(session, close=False))
-                    except (trio.ClosedResourceError, trio.BrokenResourceError):
-                        pass
+                with (
+                    trio.CancelScope(shield=True),
+                    suppress(trio.ClosedResourceError, trio.BrokenResourceError),
+                ):
+                    await self._commands_send.send(_Unregister(session, close=False))
             self._live_connections -= 1
             if self._live_connections == 0 and self._state is not _State.RUNNING:
                 self._all_connections_ended.set()
@@ -620,8 +643,11 @@ class HandlerManager:
         if self._state is not _State.RUNNING:
             return
         self._state = _State.CLOSING
-        logger.info("hub %s shutting down: closing %d sessions", self._instance_id,
-                    self._registry.session_count)
+        logger.info(
+            "hub %s shutting down: closing %d sessions",
+            self._instance_id,
+            self._registry.session_count,
+        )
         await self._commands_send.send(
             _Close(ToAll(), CloseCode.GOING_AWAY, "hub is shutting down", drain=True, remote=True)
         )
@@ -680,12 +706,16 @@ async def open_hub(
             await hub._flush(internal=True)
         hub._state = _State.CLOSED
         if hub._registry.session_count:  # pragma: no cover - would be a bug
-            logger.error("hub %s stopped with %d sessions registered", hub.instance_id,
-                         hub._registry.session_count)
+            logger.error(
+                "hub %s stopped with %d sessions registered",
+                hub.instance_id,
+                hub._registry.session_count,
+            )
         services.cancel_scope.cancel()
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IP addresses."""
     if host == "localhost":
         return True
     try:
@@ -726,10 +756,10 @@ async def serve_hub(
     from ._devmode import dev_authorizer
 
     if hub._connections is None or not hub.running:
-        raise HubClosedError("serve_hub needs a running hub: call it inside `async with open_hub()`")
+        raise HubClosedError("serve_hub needs a running hub: use it inside `async with open_hub()`")
     host = hub.config.host if host is None else host
     port = hub.config.port if port is None else port
-    if hub._authorizer is dev_authorizer and not _is_loopback(host):
+    if hub._authorizer is dev_authorizer and not is_loopback(host):
         raise ConfigError(
             f"host: dev mode (token = user id, no real auth) binds loopback only, got {host!r}"
         )
@@ -754,7 +784,9 @@ async def serve_hub(
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
         logger.info(
-            "hub %s (%s) listening on %s", hub.instance_id, hub.service_name,
+            "hub %s (%s) listening on %s",
+            hub.instance_id,
+            hub.service_name,
             ", ".join(str(listener) for listener in server.listeners),
         )
         task_status.started(bound_port)

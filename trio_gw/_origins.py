@@ -77,7 +77,7 @@ class OriginPolicy:
             if "*" in host or not host:
                 raise ValueError(f"wildcard must be the whole first label: {entry!r}")
             patterns.append(_Pattern(scheme, host, port, wildcard))
-        self.__attrs_init__(tuple(patterns))  # type: ignore[attr-defined]
+        self.__attrs_init__(tuple(patterns))
 
     @property
     def allows_any(self) -> bool:

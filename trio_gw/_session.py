@@ -134,6 +134,18 @@ class Session:
         """True once the hub has asked this session to close."""
         return self._close is not None
 
+    @property
+    def close_code(self) -> int:
+        """The code this connection was closed with, as far as it is known yet.
+
+        The hub's code if the hub closed it (trio-websocket records 1000 for
+        every close it starts), else the client's, else 1006 (no close frame).
+        """
+        if self._close is not None:
+            return self._close.code
+        closed = self._ws.closed
+        return closed.code if closed is not None else 1006
+
     # --- called by the hub actor: synchronous, never waits -------------------
 
     def _offer_nowait(self, frame: Frame) -> Offer:
@@ -287,6 +299,15 @@ class Session:
                 await self._hub._close_session(self, CloseCode.NO_PONG, "no pong")
                 return
 
+    async def _close_after_failure(self) -> None:
+        """Close with 1011 after an unexpected error ended the session's tasks."""
+        if self._close is None:
+            self._close = _CloseRequest(CloseCode.SERVER_ERROR, "server error", drain=False)
+        with trio.move_on_after(self._config.close_timeout) as scope:
+            await self._ws.aclose(self._close.code, self._close.reason)
+        if scope.cancelled_caught:
+            await trio.aclose_forcefully(self._ws)
+
     async def _close_procedure(self) -> None:
         request = self._close
         assert request is not None
@@ -308,5 +329,3 @@ class Session:
                 await trio.aclose_forcefully(self._ws)
         finally:
             self._close_done.set()
-
-

@@ -1,0 +1,107 @@
+"""The ``trio-gw`` process itself (trio_gw/_cli.py), started as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+from websockets.sync.client import connect
+
+from .conftest import TIMEOUT
+
+TRIO_GW = str(Path(sys.executable).with_name("trio-gw"))
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [TRIO_GW, *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+def echo_round_trip(url: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    with connect(url, open_timeout=5) as ws:
+        hello = json.loads(ws.recv(timeout=5))
+        ws.send(
+            json.dumps(
+                {
+                    "type": "request",
+                    "payload": {
+                        "service": "svc",
+                        "method": "m",
+                        "params": {"a": 1},
+                        "trace_id": "t-9",
+                    },
+                }
+            )
+        )
+        return hello, json.loads(ws.recv(timeout=5))
+
+
+async def test_serve_dev_mode_echo_and_sigterm() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            process = await nursery.start(
+                partial(
+                    trio.run_process,
+                    [TRIO_GW, "serve", "--port", "0"],
+                    stderr=subprocess.PIPE,
+                    check=False,
+                )
+            )
+            log = b""
+            assert process.stderr is not None
+            while (match := re.search(rb"ready: ws://127\.0\.0\.1:(\d+)", log)) is None:
+                chunk = await process.stderr.receive_some()
+                assert chunk, log.decode()
+                log += chunk
+            assert b"DEV MODE" in log
+            url = f"ws://127.0.0.1:{int(match.group(1))}/?token=alice"
+            hello, response = await trio.to_thread.run_sync(echo_round_trip, url)
+            assert hello["payload"]["event"]["user_id"] == "alice"
+            assert response["payload"] == {"trace_id": "t-9", "result": {"a": 1}, "error": None}
+            process.send_signal(signal.SIGTERM)
+            async for chunk in process.stderr:
+                log += chunk
+            assert await process.wait() == 0, log.decode()
+            assert b"SIGTERM received" in log
+
+
+def test_dev_mode_refuses_non_loopback() -> None:
+    result = run("serve", "--host", "0.0.0.0", "--port", "0")
+    assert result.returncode == 2
+    assert "host" in result.stderr and "loopback" in result.stderr
+
+
+def test_check_config_names_the_bad_field(tmp_path: Path) -> None:
+    assert run("check-config").returncode == 0
+    bad_env = run("check-config", env={"TRIO_GW_MAX_CONNECTIONS": "lots"})
+    assert bad_env.returncode == 2
+    assert "max_connections: expected an integer, got 'lots'" in bad_env.stderr
+    config = tmp_path / "hub.toml"
+    config.write_text("[hub]\nheartbeat_timeout = -3\n")
+    bad_file = run("check-config", "--config", str(config))
+    assert bad_file.returncode == 2
+    assert "heartbeat_timeout" in bad_file.stderr and "-3" in bad_file.stderr
+
+
+def test_flags_beat_env_beat_file(tmp_path: Path) -> None:
+    from trio_gw._cli import _parser, load_config
+
+    config = tmp_path / "hub.toml"
+    config.write_text("[hub]\nport = 9001\nmax_connections = 7\nclose_timeout = 2.5\n")
+    args = _parser().parse_args(["serve", "--config", str(config), "--port", "9003"])
+    loaded = load_config(args, {"TRIO_GW_PORT": "9002", "TRIO_GW_MAX_CONNECTIONS": "8"})
+    assert (loaded.port, loaded.max_connections, loaded.close_timeout) == (9003, 8, 2.5)

@@ -1,0 +1,67 @@
+"""The public API is exactly what trio_gw/__init__.py re-exports."""
+
+from __future__ import annotations
+
+import trio_gw
+
+EXPECTED = {
+    "AuthRefused",
+    "Authorizer",
+    "CloseCode",
+    "ConfigError",
+    "GatewayError",
+    "HandlerManager",
+    "Handshake",
+    "HubClosedError",
+    "HubConfig",
+    "HubOverloadedError",
+    "HubStatistics",
+    "Identity",
+    "MessageCallback",
+    "Reply",
+    "Session",
+    "TokenChecker",
+    "bearer_token_authorizer",
+    "dev_authorizer",
+    "echo_backend",
+    "extract_token",
+    "open_hub",
+    "serve_hub",
+}
+
+
+def test_public_names() -> None:
+    assert set(trio_gw.__all__) == EXPECTED
+    for name in EXPECTED:
+        assert getattr(trio_gw, name) is not None
+
+
+def test_seed_method_names_are_kept() -> None:
+    """A nuropb_gw user can port: the HandlerManager methods keep their names."""
+    for name in (
+        "on_handler_message",
+        "to_handler_message",
+        "get_handler",
+        "register",
+        "unregister",
+        "send_message",
+        "send_message_to_user_ids",
+        "send_message_to_all",
+        "close",
+        "close_user_ids",
+        "close_all",
+    ):
+        assert callable(getattr(trio_gw.HandlerManager, name))
+
+
+def test_close_codes_table() -> None:
+    assert {c.name: int(c) for c in trio_gw.CloseCode} == {
+        "NORMAL": 1000,
+        "GOING_AWAY": 1001,
+        "POLICY_VIOLATION": 1008,
+        "MESSAGE_TOO_BIG": 1009,
+        "SERVER_ERROR": 1011,
+        "AUTH_EXPIRED": 4005,
+        "SLOW_CONSUMER": 4008,
+        "NO_PONG": 4012,
+    }
