@@ -1,0 +1,38 @@
+"""Sessions: tests, lint and typecheck run by default; bench only when asked."""
+
+from __future__ import annotations
+
+import nox
+
+nox.needs_version = ">=2025.2.9"
+nox.options.default_venv_backend = "venv"
+nox.options.error_on_missing_interpreters = True
+
+PYPROJECT = nox.project.load_toml("pyproject.toml")
+
+
+def group(name: str) -> list[str]:
+    """The requirements of one dependency group in pyproject.toml."""
+    return nox.project.dependency_groups(PYPROJECT, name)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the test suite (real sockets, real processes) with pytest."""
+    session.install(".", *group("test"))
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Lint and check formatting with ruff, including its ASYNC rules."""
+    session.install(*group("lint"))
+    session.run("ruff", "check", ".", *session.posargs)
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """Type-check trio_gw/ with mypy --strict."""
+    session.install(".", *group("typecheck"))
+    session.run("mypy", "--strict", "trio_gw", *session.posargs)
