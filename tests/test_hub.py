@@ -15,7 +15,7 @@ import trio
 import trio.lowlevel
 from trio_websocket import ConnectionClosed
 
-from trio_gw import CloseCode, HubClosedError, Reply, Session
+from trio_gw import CloseCode, HubClosedError, HubOverloadedError, Reply, Session
 from trio_gw._transport import FastWriter, PortableWriter
 
 from .conftest import TIMEOUT, client, receive_json, running_hub, wait_for
@@ -276,3 +276,59 @@ async def test_shutdown_drains_then_sends_going_away(writer: str) -> None:
     assert received == {name: ["last words", CloseCode.GOING_AWAY] for name in received}
     assert hub.statistics().sessions_closed == 2
     assert hub._registry.session_count == 0
+
+
+async def test_unregister_closes_and_register_is_idempotent(writer: str) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with running_hub(writer=writer) as (hub, url), client(url, "a") as (ws, hello):
+            handler = hub.get_handler(hello["session_id"])
+            assert handler is not None
+            hub.register(handler)  # already registered: nothing happens
+            await hub.flush()
+            assert hub.statistics().sessions_opened == 1
+            hub.unregister(handler)
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.get_message()
+            assert closed.value.reason.code == CloseCode.NORMAL
+            assert hub.get_handler(hello["session_id"]) is None
+            with pytest.raises(ValueError, match="closing"):
+                hub.register(handler)
+            hub.unregister(handler)  # twice: nothing happens
+            await hub.flush()
+            assert hub.statistics().sessions_closed == 1
+
+
+async def test_sync_commands_raise_when_the_queue_is_full(writer: str) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with running_hub(writer=writer, hub_queue_size=1) as (hub, _):
+            hub.close("node1:a")  # handed straight to the waiting actor
+            hub.close("node1:b")  # fills the one-slot queue: the actor has not run yet
+            with pytest.raises(HubOverloadedError, match="command queue full"):
+                hub.close("node1:c")
+            await hub.flush()
+            hub.close("node1:d")  # room again
+
+
+async def test_a_failing_session_gets_1011_and_the_hub_survives(
+    writer: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with running_hub(echo, writer=writer) as (hub, url):
+        original = hub.on_handler_message
+
+        async def broken(handler: Session, message: str | bytes) -> None:
+            if message == '"crash"':
+                raise RuntimeError("a bug inside the hub")
+            await original(handler, message)
+
+        # Stands in for a hub bug: nothing a client or a callback can do reaches here.
+        monkeypatch.setattr(hub, "on_handler_message", broken)
+        with trio.fail_after(TIMEOUT):
+            async with client(url, "victim") as (victim, _), client(url, "other") as (other, _):
+                await victim.send_message('"crash"')
+                with pytest.raises(ConnectionClosed) as closed:
+                    await victim.get_message()
+                assert closed.value.reason.code == CloseCode.SERVER_ERROR
+                await other.send_message('"still fine"')
+                assert await receive_json(other) == {"echo": "still fine"}
+                await wait_for(lambda: hub.statistics().connections == 1)
+                assert hub.statistics().closes_by_code == {CloseCode.SERVER_ERROR: 1}
