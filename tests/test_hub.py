@@ -332,3 +332,18 @@ async def test_a_failing_session_gets_1011_and_the_hub_survives(
                 assert await receive_json(other) == {"echo": "still fine"}
                 await wait_for(lambda: hub.statistics().connections == 1)
                 assert hub.statistics().closes_by_code == {CloseCode.SERVER_ERROR: 1}
+
+
+async def test_a_burst_larger_than_the_actor_batch_arrives_whole(writer: str) -> None:
+    """Sends that queue up without yielding are all delivered, in order (none lost between batches)."""
+    burst = 1000  # many times the actor's per-wake batch
+    with trio.fail_after(TIMEOUT):
+        async with (
+            running_hub(writer=writer, outbound_queue_size=burst) as (hub, url),
+            client(url, "a") as (ws, hello),
+        ):
+            for i in range(burst):
+                await hub.send_message(hello["session_id"], str(i))
+            got = [await ws.get_message() for _ in range(burst)]
+            assert got == [str(i) for i in range(burst)]
+            assert hub.statistics().drops == 0

@@ -395,8 +395,18 @@ class HandlerManager:
 
     async def _submit(self, command: _Command, *, internal: bool = False) -> None:
         self._check_running(internal)
+        # Only wait when the actor is behind. Not yielding on every send lets a
+        # burst of sends queue up, so the actor handles it in one go and each
+        # writer finds many frames to write at once; the bounded queue still
+        # pushes back on a producer that outruns the actor.
+        await trio.lowlevel.checkpoint_if_cancelled()
         try:
-            await self._commands_send.send(command)
+            self._commands_send.send_nowait(command)
+        except trio.WouldBlock:
+            try:
+                await self._commands_send.send(command)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                raise HubClosedError(f"hub {self._instance_id!r} has shut down") from None
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise HubClosedError(f"hub {self._instance_id!r} has shut down") from None
 
@@ -433,12 +443,22 @@ class HandlerManager:
                     command = await commands.receive()
                 except trio.EndOfChannel:  # pragma: no cover - the send side is never closed
                     return
-                for _ in range(_COMMAND_BATCH):
-                    self._handle(command)
+                self._handle_safely(command)
+                # Handle what else is queued before yielding, so that a burst of
+                # sends reaches each writer as one batch.
+                for _ in range(_COMMAND_BATCH - 1):
                     try:
                         command = commands.receive_nowait()
-                    except trio.WouldBlock:
+                    except (trio.WouldBlock, trio.EndOfChannel):
                         break
+                    self._handle_safely(command)
+
+    def _handle_safely(self, command: _Command) -> None:
+        try:
+            self._handle(command)
+        except Exception:
+            # A bug, but one command must not take the hub and every client down.
+            logger.exception("hub %s: command %r failed", self._instance_id, command)
 
     def _handle(self, command: _Command) -> None:
         match command:

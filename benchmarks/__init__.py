@@ -1,0 +1,1 @@
+"""Load tests for trio_gw against reference peers; run with ``python -m benchmarks``."""

@@ -1,0 +1,257 @@
+"""``python -m benchmarks [--full] [--servers ...] [--scenarios ...]``: run and report."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from . import _harness as h
+
+HERE = Path(__file__).parent
+
+# name -> (quick kwargs, full kwargs list); each full entry is one scenario variant.
+SCENARIOS: dict[
+    str, tuple[Callable[..., dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]
+] = {
+    "fanout": (
+        h.fanout,
+        [{"connections": 1000, "messages": 200}],
+        [{"connections": 1000, "messages": 200}, {"connections": 5000, "messages": 40}],
+    ),
+    "to_users": (
+        h.to_users,
+        [{"connections": 2000, "users_n": 1000, "calls": 2000}],
+        [{"connections": 2000, "users_n": 1000, "calls": 5000}],
+    ),
+    "rpc": (h.rpc, [{"connections": 200, "seconds": 3}], [{"connections": 200, "seconds": 10}]),
+    "idle": (h.idle, [{"connections": 2000}], [{"connections": 5000}, {"connections": 10000}]),
+    "slow_consumer": (
+        h.slow_consumer,
+        [{"normal": 100, "messages": 3000, "timeout": 20}],
+        [{"normal": 100, "messages": 10000, "timeout": 60}],
+    ),
+}
+
+# The figure each scenario is judged by, and whether lower is better.
+KEY = {
+    "fanout": ("server_cpu_us_per_delivery", True),
+    "to_users": ("server_cpu_us_per_delivery", True),
+    "rpc": ("round_trips_per_s", False),
+    "idle": ("kib_per_connection", True),
+    "slow_consumer": ("server_cpu_us_per_delivery", True),
+}
+
+
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median of each numeric field over repetitions; other fields from the middle run."""
+    if len(runs) == 1:
+        return runs[0]
+    merged = dict(runs[len(runs) // 2])
+    for key, value in runs[0].items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            values = [r[key] for r in runs if isinstance(r.get(key), int | float)]
+            merged[key] = round(statistics.median(values), 2)
+        elif isinstance(value, bool):
+            merged[key] = all(r[key] for r in runs)
+    return merged
+
+
+def label(kwargs: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in kwargs.items() if k != "timeout")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument(
+        "--full", action="store_true", help="every scenario at full size, 3 repetitions"
+    )
+    parser.add_argument("--repeat", type=int, help="repetitions (default 1 quick, 3 full)")
+    parser.add_argument("--servers", nargs="+", choices=list(h.SERVERS), default=list(h.SERVERS))
+    parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS))
+    parser.add_argument(
+        "--tiny", action="store_true", help="a smoke run on a tiny load (for tests)"
+    )
+    parser.add_argument("--write-results", action="store_true", help="write benchmarks/RESULTS.md")
+    parser.add_argument("--out", type=Path, default=HERE / "results", help="where JSON lines go")
+    args = parser.parse_args(argv)
+    repeat = args.repeat or (3 if args.full else 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    jsonl = args.out / f"run-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+    rows: list[dict[str, Any]] = []
+    with jsonl.open("ab") as out:
+        for scenario in args.scenarios:
+            fn, quick, full = SCENARIOS[scenario]
+            variants = full if args.full else quick
+            if args.tiny:
+                variants = [tiny(scenario)]
+            for kwargs in variants:
+                for server_name in args.servers:
+                    runs = []
+                    for _ in range(repeat):
+                        with h.running(server_name, args.out) as server:
+                            try:
+                                result = fn(server, **kwargs)
+                            except RuntimeError as exc:
+                                result = {"error": str(exc), "complete": False}
+                        runs.append(result)
+                    row = {
+                        "scenario": scenario,
+                        "params": label(kwargs),
+                        "server": server_name,
+                        "repetitions": repeat,
+                        **median_of(runs),
+                    }
+                    out.write(orjson.dumps(row) + b"\n")
+                    out.flush()
+                    rows.append(row)
+                    print(f"{scenario:14} {server_name:22} {summary(scenario, row)}", flush=True)
+    table = render(rows)
+    print("\n" + table)
+    print(f"\nJSON lines: {jsonl}")
+    if args.write_results:
+        (HERE / "RESULTS.md").write_text(results_page(table, args, repeat))
+        print(f"wrote {HERE / 'RESULTS.md'}")
+    return 0
+
+
+def tiny(scenario: str) -> dict[str, Any]:
+    return {
+        "fanout": {"connections": 20, "messages": 20},
+        "to_users": {"connections": 20, "users_n": 10, "calls": 20, "per_call": 3},
+        "rpc": {"connections": 5, "seconds": 0.5},
+        "idle": {"connections": 20},
+        "slow_consumer": {"normal": 5, "messages": 50, "timeout": 10, "slow_drain_seconds": 1},
+    }[scenario]
+
+
+def summary(scenario: str, row: dict[str, Any]) -> str:
+    key, _ = KEY[scenario]
+    extra = ""
+    if scenario == "slow_consumer":
+        extra = (
+            f" slow={row.get('slow_client')} normal_complete={row.get('normal_clients_complete')}"
+        )
+    return f"{key}={row.get(key)} complete={row.get('complete')}{extra}"
+
+
+def render(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table per scenario variant, with ratios against the hub."""
+    lines: list[str] = []
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["scenario"], row["params"]), []).append(row)
+    for (scenario, params), group in groups.items():
+        key, lower = KEY[scenario]
+        hub = next((r for r in group if r["server"] == "trio_gw"), None)
+        lines.append(f"\n### {scenario} ({params})\n")
+        cols = columns(scenario)
+        lines.append("| server | " + " | ".join(cols) + f" | {key}: peer / trio_gw |")
+        lines.append("|---" * (len(cols) + 2) + "|")
+        for row in group:
+            cells = [
+                fmt(
+                    row.get(c)
+                    if "." not in c
+                    else row.get(c.split(".")[0], {}).get(c.split(".")[1])
+                )
+                for c in cols
+            ]
+            ratio = ""
+            if hub and row is not hub and isinstance(row.get(key), int | float) and hub.get(key):
+                r = row[key] / hub[key]
+                ratio = f"{r:.2f}x" if lower else f"{1 / r:.2f}x" if r else ""
+            lines.append(f"| {row['server']} | " + " | ".join(cells) + f" | {ratio} |")
+    return "\n".join(lines)
+
+
+def columns(scenario: str) -> list[str]:
+    if scenario in ("fanout", "to_users"):
+        return [
+            "server_cpu_us_per_delivery",
+            "deliveries_per_s",
+            "latency.p50_us",
+            "latency.p99_us",
+            "client_cpu_s",
+            "rss_mib",
+            "complete",
+            "in_order",
+        ]
+    if scenario == "rpc":
+        return [
+            "round_trips_per_s",
+            "server_cpu_us_per_round_trip",
+            "latency.p50_us",
+            "latency.p99_us",
+            "client_cpu_s",
+            "complete",
+        ]
+    if scenario == "idle":
+        return ["kib_per_connection", "accepts_per_s", "rss_mib", "complete"]
+    return [
+        "normal_clients_complete",
+        "seconds",
+        "slow_client",
+        "slow_client_received",
+        "rss_growth_mib",
+        "server_cpu_us_per_delivery",
+        "in_order",
+    ]
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.2f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def results_page(table: str, args: argparse.Namespace, repeat: int) -> str:
+    versions = ", ".join(
+        f"{p} {importlib.metadata.version(p)}"
+        for p in ("trio", "trio-websocket", "wsproto", "websockets", "picows", "orjson")
+    )
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mode = "full (--full)" if args.full else "quick"
+    return f"""# Benchmark results
+
+Produced by `python -m benchmarks {"--full " if args.full else ""}--write-results` on {time.strftime("%Y-%m-%d")}.
+Mode: {mode}; median of {repeat} repetition(s) per figure. All servers ran in the same
+invocation, one at a time, each as its own process pinned to core {h.SERVER_CORE}; the picows
+load generator ran pinned to core {h.CLIENT_CORE}. "Server CPU" is the server process's own
+user+system time over the measured interval, so it does not depend on the load generator's speed.
+Ratios are peer / trio_gw for lower-is-better figures and trio_gw / peer otherwise, so a
+ratio above 1 means trio_gw did better.
+
+Machine: {cpu}, {psutil_cores()} cores, Python {platform.python_version()}, {platform.system()} {platform.release()}.
+Versions: {versions}.
+{table}
+"""
+
+
+def psutil_cores() -> int:
+    import os
+
+    return os.cpu_count() or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""Start servers and load generators as processes, run scenarios, measure."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+import psutil
+
+from ._protocol import expected_per_user, user_draws
+
+SERVER_CORE, CLIENT_CORE = 0, 1
+
+SERVERS: dict[str, list[str]] = {
+    "trio_gw": ["-m", "benchmarks.server_hub", "0"],
+    "websockets": ["-m", "benchmarks.server_websockets", "0"],
+    "trio-websocket naive": ["-m", "benchmarks.server_naive", "0"],
+}
+
+
+def _pin(pid: int, core: int) -> None:
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > core:
+        try:
+            os.sched_setaffinity(pid, {core})
+        except OSError:
+            pass
+
+
+def _readline(stream: IO[bytes], timeout: float) -> dict[str, Any] | None:
+    """One JSON line from a child, or None after ``timeout`` seconds or at EOF."""
+    with selectors.DefaultSelector() as selector:
+        selector.register(stream, selectors.EVENT_READ)
+        if not selector.select(timeout):
+            return None
+    line = stream.readline()
+    return orjson.loads(line) if line.strip() else None
+
+
+class Server:
+    """A server under test, pinned to one core, driven through stdin."""
+
+    def __init__(self, name: str, log_dir: Path) -> None:
+        self.name = name
+        self.log = (log_dir / f"{name.replace(' ', '_')}.log").open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, *SERVERS[name]],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+        )
+        _pin(self.process.pid, SERVER_CORE)
+        assert self.process.stdout is not None
+        started = _readline(self.process.stdout, 30)
+        if started is None:
+            raise RuntimeError(f"{name} did not start; see {self.log.name}")
+        self.port = started["port"]
+        self.url = f"ws://127.0.0.1:{self.port}"
+        self.ps = psutil.Process(self.process.pid)
+
+    def send(self, command: dict[str, Any]) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(orjson.dumps(command) + b"\n")
+        self.process.stdin.flush()
+
+    def reply(self, timeout: float) -> dict[str, Any] | None:
+        assert self.process.stdout is not None
+        return _readline(self.process.stdout, timeout)
+
+    def cpu(self) -> float:
+        times = self.ps.cpu_times()
+        return float(times.user + times.system)
+
+    def rss(self) -> int:
+        return int(self.ps.memory_info().rss)
+
+    def close(self) -> None:
+        try:
+            self.send({"op": "quit"})
+            self.process.wait(5)
+        except (OSError, subprocess.TimeoutExpired):
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+class LoadGen:
+    """One load-generating process, pinned to the client core."""
+
+    def __init__(self, job: dict[str, Any]) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.loadgen", orjson.dumps(job).decode()],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        _pin(self.process.pid, CLIENT_CORE)
+
+    def event(self, timeout: float) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        event = _readline(self.process.stdout, timeout)
+        if event is None:
+            self.process.kill()
+            raise RuntimeError("load generator gave no answer")
+        return event
+
+    def release(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(b"close\n")
+        self.process.stdin.flush()
+
+    def cpu(self) -> float:
+        try:
+            times = psutil.Process(self.process.pid).cpu_times()
+            return float(times.user + times.system)
+        except psutil.NoSuchProcess:
+            return 0.0
+
+    def wait(self) -> None:
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@contextmanager
+def running(name: str, log_dir: Path) -> Iterator[Server]:
+    server = Server(name, log_dir)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def _split(items: list[Any], parts: int) -> list[list[Any]]:
+    return [items[i::parts] for i in range(parts)]
+
+
+def _connect(server: Server, users: list[str], procs: int, **job: Any) -> list[LoadGen]:
+    gens = []
+    for part in _split(list(range(len(users))), procs):
+        expected = job.pop("expected_all", None)
+        sub = {**job, "url": server.url, "users": [users[i] for i in part]}
+        if expected is not None:
+            sub["expected"] = [expected[i] for i in part]
+            job["expected_all"] = expected
+        gens.append(LoadGen(sub))
+    return gens
+
+
+def _ready(gens: list[LoadGen], timeout: float = 120) -> dict[str, Any]:
+    events = [g.event(timeout) for g in gens]
+    return {
+        "connected": sum(e["connected"] for e in events),
+        "connect_seconds": max(e["connect_seconds"] for e in events),
+        "errors": sum(e["error_count"] for e in events),
+    }
+
+
+def _done(gens: list[LoadGen], timeout: float) -> dict[str, Any]:
+    events = [g.event(timeout) for g in gens]
+    for g in gens:
+        g.wait()
+    latency = max((e["latency"] for e in events), key=lambda x: x.get("p99_us", 0))
+    return {
+        "received": sum(e["received"] for e in events),
+        "round_trips": sum(e["round_trips"] for e in events),
+        "complete": all(e["complete"] for e in events),
+        "in_order": all(e["in_order"] for e in events),
+        "timed_out": any(e["timed_out"] for e in events),
+        "latency": latency,
+        "client_cpu_s": sum(e["cpu_seconds"] for e in events),
+        "slow": [s for e in events for s in e["slow"]],
+    }
+
+
+def _delivery_result(
+    server: Server, gens: list[LoadGen], expected: int, cpu0: float, t0: float, timeout: float
+) -> dict[str, Any]:
+    done = _done(gens, timeout)
+    seconds = time.monotonic() - t0
+    cpu = server.cpu() - cpu0
+    deliveries = done["received"]
+    return {
+        "deliveries": deliveries,
+        "expected": expected,
+        "seconds": round(seconds, 3),
+        "deliveries_per_s": round(deliveries / seconds) if seconds else 0,
+        "server_cpu_s": round(cpu, 3),
+        "server_cpu_us_per_delivery": round(cpu / deliveries * 1e6, 2) if deliveries else None,
+        "client_cpu_s": round(done["client_cpu_s"], 3),
+        "latency": done["latency"],
+        "complete": done["complete"] and deliveries == expected,
+        "in_order": done["in_order"],
+        "timed_out": done["timed_out"],
+        "rss_mib": round(server.rss() / 2**20, 1),
+        "slow": done["slow"],
+    }
+
+
+def fanout(
+    server: Server, connections: int, messages: int, size: int = 100, timeout: float = 120
+) -> dict[str, Any]:
+    users = [f"u{i}" for i in range(connections)]
+    gens = _connect(
+        server, users, 1, mode="receive", expected_all=[messages] * connections, timeout=timeout
+    )
+    ready = _ready(gens)
+    cpu0, t0 = server.cpu(), time.monotonic()
+    server.send({"op": "fanout", "count": messages, "size": size})
+    result = _delivery_result(server, gens, connections * messages, cpu0, t0, timeout)
+    server.reply(timeout)
+    return {**result, "connect_errors": ready["errors"]}
+
+
+def to_users(
+    server: Server,
+    connections: int,
+    users_n: int,
+    calls: int,
+    per_call: int = 10,
+    timeout: float = 120,
+) -> dict[str, Any]:
+    users = [f"u{i % users_n}" for i in range(connections)]
+    draws = user_draws(calls, per_call, users_n, seed=7)
+    per_user = expected_per_user(draws)
+    expected = [per_user[u] for u in users]
+    gens = _connect(
+        server, users, 1, mode="receive", expected_all=expected, strict=False, timeout=timeout
+    )
+    ready = _ready(gens)
+    cpu0, t0 = server.cpu(), time.monotonic()
+    server.send(
+        {
+            "op": "to_users",
+            "calls": calls,
+            "per_call": per_call,
+            "users": users_n,
+            "seed": 7,
+            "size": 100,
+        }
+    )
+    result = _delivery_result(server, gens, sum(expected), cpu0, t0, timeout)
+    server.reply(timeout)
+    return {**result, "connect_errors": ready["errors"]}
+
+
+def rpc(server: Server, connections: int, seconds: float) -> dict[str, Any]:
+    users = [f"u{i}" for i in range(connections)]
+    gens = _connect(server, users, 1, mode="rpc", seconds=seconds, timeout=seconds + 30)
+    ready = _ready(gens)
+    cpu0, t0 = server.cpu(), time.monotonic()
+    done = _done(gens, seconds + 60)
+    elapsed = time.monotonic() - t0
+    cpu = server.cpu() - cpu0
+    trips = done["round_trips"]
+    return {
+        "round_trips": trips,
+        "round_trips_per_s": round(trips / elapsed) if elapsed else 0,
+        "server_cpu_us_per_round_trip": round(cpu / trips * 1e6, 2) if trips else None,
+        "client_cpu_s": round(done["client_cpu_s"], 3),
+        "latency": done["latency"],
+        "complete": not done["timed_out"],
+        "connect_errors": ready["errors"],
+    }
+
+
+def idle(server: Server, connections: int) -> dict[str, Any]:
+    time.sleep(0.5)
+    rss0 = server.rss()
+    users = [f"u{i}" for i in range(connections)]
+    gens = _connect(
+        server, users, 2 if connections > 5000 else 1, mode="idle", connect_concurrency=100
+    )
+    ready = _ready(gens, timeout=300)
+    time.sleep(1.0)
+    rss1 = server.rss()
+    for g in gens:
+        g.release()
+    for g in gens:
+        g.event(30)
+        g.wait()
+    connected = ready["connected"]
+    return {
+        "connections": connected,
+        "kib_per_connection": round((rss1 - rss0) / 1024 / connected, 2) if connected else None,
+        "accepts_per_s": round(connected / ready["connect_seconds"]),
+        "rss_mib": round(rss1 / 2**20, 1),
+        "complete": connected == connections,
+        "connect_errors": ready["errors"],
+    }
+
+
+def slow_consumer(
+    server: Server,
+    normal: int,
+    messages: int,
+    size: int = 1000,
+    timeout: float = 60,
+    slow_drain_seconds: float = 10,
+) -> dict[str, Any]:
+    users = ["slow"] + [f"u{i}" for i in range(normal)]
+    gens = _connect(
+        server,
+        users,
+        1,
+        mode="receive",
+        expected_all=[0] + [messages] * normal,
+        slow=1,
+        timeout=timeout,
+        slow_drain_seconds=slow_drain_seconds,
+    )
+    _ready(gens)
+    rss0 = server.rss()
+    cpu0, t0 = server.cpu(), time.monotonic()
+    server.send({"op": "fanout", "count": messages, "size": size})
+    result = _delivery_result(server, gens, normal * messages, cpu0, t0, timeout + 30)
+    server.reply(5)
+    slow = result.pop("slow")
+    outcome = "still connected"
+    if slow and slow[0]["close_code"] is not None:
+        outcome = f"closed {slow[0]['close_code']}"
+    elif slow and slow[0]["disconnected"]:
+        outcome = "disconnected (no close frame)"
+    return {
+        **result,
+        "normal_clients_complete": result["complete"],
+        "slow_client": outcome,
+        "slow_client_received": slow[0]["received"] if slow else None,
+        "rss_growth_mib": round((server.rss() - rss0) / 2**20, 1),
+    }

@@ -1,0 +1,88 @@
+"""The trio_gw hub under test: ``python -m benchmarks.server_hub PORT [--writer fast|portable]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import orjson
+import trio
+
+import trio_gw
+from trio_gw import HubConfig, Session
+
+from ._protocol import message, raise_fd_limit, rpc_response, user_draws
+
+
+async def on_message(reply: Any, handler: Session, decoded: Any) -> None:
+    await reply(handler, rpc_response(decoded))
+
+
+async def control(hub: trio_gw.HandlerManager) -> None:
+    stdin = trio.lowlevel.FdStream(sys.stdin.fileno())
+    buffer = b""
+    while True:
+        chunk = await stdin.receive_some()
+        if not chunk:
+            return
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            command = orjson.loads(line)
+            op = command["op"]
+            if op == "quit":
+                return
+            if op == "fanout":
+                for seq in range(command["count"]):
+                    await hub.send_message_to_all(message(seq, command["size"]).decode())
+            elif op == "to_users":
+                draws = user_draws(
+                    command["calls"], command["per_call"], command["users"], command["seed"]
+                )
+                for seq, users in enumerate(draws):
+                    await hub.send_message_to_user_ids(
+                        users, message(seq, command["size"]).decode()
+                    )
+            stats = hub.statistics()
+            reply = {
+                "ok": True,
+                "drops": stats.drops,
+                "slow_closes": stats.slow_consumer_closes,
+                "in": stats.messages_in,
+                "out": stats.messages_out,
+                "connections": stats.connections,
+            }
+            sys.stdout.write(orjson.dumps(reply).decode() + "\n")
+            sys.stdout.flush()
+
+
+async def main(port: int, writer: str) -> None:
+    config = HubConfig(
+        port=port,
+        writer=writer,
+        max_connections=20_000,
+        heartbeat_interval=0,
+        handshake_timeout=60,
+        hub_queue_size=8192,
+    )
+    async with (
+        trio_gw.open_hub(
+            "bench", "bench", on_message, config=config, authorizer=trio_gw.dev_authorizer
+        ) as hub,
+        trio.open_nursery() as nursery,
+    ):
+        bound = await nursery.start(trio_gw.serve_hub, hub)
+        sys.stdout.write(orjson.dumps({"port": bound}).decode() + "\n")
+        sys.stdout.flush()
+        await control(hub)
+        nursery.cancel_scope.cancel()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("port", type=int)
+    parser.add_argument("--writer", default="fast", choices=["fast", "portable"])
+    args = parser.parse_args()
+    raise_fd_limit()
+    trio.run(main, args.port, args.writer)
