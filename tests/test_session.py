@@ -57,7 +57,9 @@ def port_of(url: str) -> int:
 
 
 @pytest.mark.parametrize("writer", ["fast", "portable"])
-async def test_slow_consumer_is_closed_and_others_get_everything(writer: str) -> None:
+@pytest.mark.parametrize("route", ["inline", "queued"])
+async def test_slow_consumer_is_closed_and_others_get_everything(writer: str, route: str) -> None:
+    """An idle hub delivers in the sender's task ("inline"); a busy one through its actor."""
     normal_clients, rounds, per_round = 5, 60, 20
     payload = "x" * 1000
     received = [0] * normal_clients
@@ -89,6 +91,10 @@ async def test_slow_consumer_is_closed_and_others_get_everything(writer: str) ->
                 await ready.wait()
             sent = 0
             for _ in range(rounds):
+                if route == "queued":
+                    # A queued command keeps the actor busy for this round: the
+                    # sends below queue behind it (none of them yields).
+                    hub.close("node1:nobody")
                 for _ in range(per_round):
                     await hub.send_message_to_all({"n": sent, "pad": payload})
                     sent += 1

@@ -45,6 +45,13 @@ MessageCallback: TypeAlias = Callable[[Reply, Session, Any], Awaitable[Any]]
 
 # The actor drains this many commands per wake-up before it yields to other tasks.
 _COMMAND_BATCH = 64
+# A sender delivering inline yields after offering about this many messages to
+# every session, so that a burst is written while it is still being produced.
+# Waking every writer costs about 20x offering one frame to it, so batches of
+# ~16 frames keep the writers' share of the cost near the offers' own, while
+# the burst's first message waits for at most 16 messages' worth of offers.
+_MESSAGES_PER_YIELD = 32
+_MIN_OFFERS_PER_YIELD = 4096
 
 
 class _State(enum.Enum):
@@ -154,6 +161,7 @@ class HandlerManager:
         self._state = _State.NEW
         self._connections: trio.Nursery | None = None
         self._live_connections = 0
+        self._offers_since_yield = 0
         self._all_connections_ended = trio.Event()
 
     # --- properties --------------------------------------------------------
@@ -275,7 +283,7 @@ class HandlerManager:
         ``str`` is sent as a text frame as it is, ``bytes`` as a binary frame,
         anything else JSON-encoded (once) as a text frame.
         """
-        await self._submit(_Deliver(ToSession(handler.session_id), self._encode(message)))
+        await self._send(ToSession(handler.session_id), self._encode(message))
 
     # --- messages out (nuropb_gw API) ---------------------------------------
 
@@ -290,7 +298,7 @@ class HandlerManager:
             ValueError: the encoded message exceeds ``outbound_queue_bytes``.
             HubClosedError: the hub is not running.
         """
-        await self._submit(_Deliver(ToSession(session_id), self._encode(message)))
+        await self._send(ToSession(session_id), self._encode(message))
 
     async def send_message_to_user_ids(self, user_ids: Iterable[str], message: Any) -> None:
         """Send a message to every session of every listed user; encoded once.
@@ -303,7 +311,7 @@ class HandlerManager:
             HubClosedError: the hub is not running.
         """
         target = to_users(user_ids)
-        await self._submit(_Deliver(target, self._encode(message)))
+        await self._send(target, self._encode(message))
 
     async def send_message_to_all(self, message: Any) -> None:
         """Send a message to every session; encoded once.
@@ -313,7 +321,7 @@ class HandlerManager:
             ValueError: the encoded message exceeds ``outbound_queue_bytes``.
             HubClosedError: the hub is not running.
         """
-        await self._submit(_Deliver(ToAll(), self._encode(message)))
+        await self._send(ToAll(), self._encode(message))
 
     # --- closing (nuropb_gw API) --------------------------------------------
 
@@ -387,6 +395,31 @@ class HandlerManager:
                 "no client could receive it"
             )
         return frame
+
+    async def _send(self, target: Target, frame: Frame) -> None:
+        """Deliver ``frame``: at once if the actor is idle, else through its queue."""
+        self._check_running(False)
+        if self._actor_idle():
+            budget = max(_MIN_OFFERS_PER_YIELD, _MESSAGES_PER_YIELD * self._registry.session_count)
+            if self._offers_since_yield >= budget:
+                self._offers_since_yield = 0
+                await trio.lowlevel.checkpoint()
+            else:
+                await trio.lowlevel.checkpoint_if_cancelled()
+            # Nothing is queued ahead of this send, so delivering it here is
+            # exactly what the actor would do next: same code, same order, one
+            # task switch fewer. It only reads the registry; a slow consumer it
+            # finds is closed, and its unregistering is left to the actor.
+            self._deliver(target, frame, remote=False, in_actor=False)
+            return
+        await self._submit(_Deliver(target, frame))
+
+    def _actor_idle(self) -> bool:
+        # Empty queue and the actor parked in receive(): no command is pending.
+        # (A command handed straight to a parked actor leaves the queue empty
+        # but the actor no longer parked, so that case takes the queue.)
+        stats = self._commands_send.statistics()
+        return stats.current_buffer_used == 0 and stats.tasks_waiting_receive > 0
 
     def _check_running(self, internal: bool) -> None:
         if self._state is _State.RUNNING or (internal and self._state is _State.CLOSING):
@@ -463,7 +496,7 @@ class HandlerManager:
     def _handle(self, command: _Command) -> None:
         match command:
             case _Deliver(target=target, frame=frame, remote=remote):
-                self._deliver(target, frame, remote)
+                self._deliver(target, frame, remote, in_actor=True)
             case _Register(session=session):
                 self._on_register(session)
             case _Unregister(session=session, close=close):
@@ -473,15 +506,17 @@ class HandlerManager:
             case _Flush(reply=reply):
                 reply.send_nowait(None)
 
-    def _deliver(self, target: Target, frame: Frame, remote: bool) -> None:
+    def _deliver(self, target: Target, frame: Frame, remote: bool, *, in_actor: bool) -> None:
         recipients = self._registry.resolve(target)
         counters = self._counters
+        if not in_actor:
+            self._offers_since_yield += len(recipients)
         for _session_id, session in recipients:
             offer = session._offer_nowait(frame)
             if offer is Offer.QUEUED:
                 continue
             if offer is Offer.FULL:
-                self._slow_consumer(session)
+                self._slow_consumer(session, in_actor=in_actor)
             counters.drops += 1
         if not recipients and isinstance(target, ToSession) and is_local(target, self._instance_id):
             counters.drops += 1
@@ -493,7 +528,7 @@ class HandlerManager:
         ):
             counters.drops += 1
 
-    def _slow_consumer(self, session: Session) -> None:
+    def _slow_consumer(self, session: Session, *, in_actor: bool) -> None:
         self._counters.slow_consumer_closes += 1
         logger.warning(
             "session %s (user %s): slow consumer, closing with %d (%d messages, %d bytes queued)",
@@ -503,8 +538,15 @@ class HandlerManager:
             session._out_recv.statistics().current_buffer_used,
             session._queued_bytes,
         )
-        self._apply(self._registry.unregister(session.session_id))
         session._request_close(CloseCode.SLOW_CONSUMER, "slow consumer", drain=False)
+        if in_actor:
+            self._apply(self._registry.unregister(session.session_id))
+        else:
+            # Only the actor changes the registry. Until it gets to this, offers
+            # to the closed session come back GONE and are counted as drops; if
+            # the queue is full, the connection's own ending unregisters it.
+            with suppress(trio.WouldBlock):
+                self._commands_send.send_nowait(_Unregister(session, close=False))
 
     def _on_register(self, session: Session) -> None:
         if session.closing:
