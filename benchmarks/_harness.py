@@ -164,8 +164,11 @@ def _ready(gens: list[LoadGen], timeout: float = 120) -> dict[str, Any]:
     }
 
 
-def _done(gens: list[LoadGen], timeout: float) -> dict[str, Any]:
+def _done(gens: list[LoadGen], timeout: float, server: Server) -> dict[str, Any]:
     events = [g.event(timeout) for g in gens]
+    # Read the clock before the load generators hang up: tearing connections
+    # down is not part of what a scenario measures.
+    server_cpu, at = server.cpu(), time.monotonic()
     for g in gens:
         g.wait()
     latency = max((e["latency"] for e in events), key=lambda x: x.get("p99_us", 0))
@@ -178,15 +181,17 @@ def _done(gens: list[LoadGen], timeout: float) -> dict[str, Any]:
         "latency": latency,
         "client_cpu_s": sum(e["cpu_seconds"] for e in events),
         "slow": [s for e in events for s in e["slow"]],
+        "server_cpu": server_cpu,
+        "at": at,
     }
 
 
 def _delivery_result(
     server: Server, gens: list[LoadGen], expected: int, cpu0: float, t0: float, timeout: float
 ) -> dict[str, Any]:
-    done = _done(gens, timeout)
-    seconds = time.monotonic() - t0
-    cpu = server.cpu() - cpu0
+    done = _done(gens, timeout, server)
+    seconds = done["at"] - t0
+    cpu = done["server_cpu"] - cpu0
     deliveries = done["received"]
     return {
         "deliveries": deliveries,
@@ -257,9 +262,9 @@ def rpc(server: Server, connections: int, seconds: float) -> dict[str, Any]:
     gens = _connect(server, users, 1, mode="rpc", seconds=seconds, timeout=seconds + 30)
     ready = _ready(gens)
     cpu0, t0 = server.cpu(), time.monotonic()
-    done = _done(gens, seconds + 60)
-    elapsed = time.monotonic() - t0
-    cpu = server.cpu() - cpu0
+    done = _done(gens, seconds + 60, server)
+    elapsed = done["at"] - t0
+    cpu = done["server_cpu"] - cpu0
     trips = done["round_trips"]
     return {
         "round_trips": trips,
