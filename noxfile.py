@@ -36,3 +36,10 @@ def typecheck(session: nox.Session) -> None:
     """Type-check trio_gw/ with mypy --strict."""
     session.install(".", *group("typecheck"))
     session.run("mypy", "--strict", "trio_gw", *session.posargs)
+
+
+@nox.session(default=False)
+def bench(session: nox.Session) -> None:
+    """Benchmark the hub against the reference peers (quick pass; --full for everything)."""
+    session.install(".", *group("bench"))
+    session.run("python", "-m", "benchmarks", *session.posargs)

@@ -233,7 +233,8 @@ def results_page(table: str, args: argparse.Namespace, repeat: int) -> str:
     mode = "full (--full)" if args.full else "quick"
     return f"""# Benchmark results
 
-Produced by `python -m benchmarks {"--full " if args.full else ""}--write-results` on {time.strftime("%Y-%m-%d")}.
+Produced by `python -m benchmarks {"--full " if args.full else ""}--write-results`
+on {time.strftime("%Y-%m-%d")}.
 Mode: {mode}; median of {repeat} repetition(s) per figure. All servers ran in the same
 invocation, one at a time, each as its own process pinned to core {h.SERVER_CORE}; the picows
 load generator ran pinned to core {h.CLIENT_CORE}. "Server CPU" is the server process's own
@@ -241,7 +242,8 @@ user+system time over the measured interval, so it does not depend on the load g
 Ratios are peer / trio_gw for lower-is-better figures and trio_gw / peer otherwise, so a
 ratio above 1 means trio_gw did better.
 
-Machine: {cpu}, {psutil_cores()} cores, Python {platform.python_version()}, {platform.system()} {platform.release()}.
+Machine: {cpu}, {psutil_cores()} cores, Python {platform.python_version()},
+{platform.system()} {platform.release()}.
 Versions: {versions}.
 {table}
 """

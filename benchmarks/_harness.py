@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
@@ -28,10 +28,8 @@ SERVERS: dict[str, list[str]] = {
 
 def _pin(pid: int, core: int) -> None:
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > core:
-        try:
+        with suppress(OSError):  # not allowed here: run unpinned, still measured
             os.sched_setaffinity(pid, {core})
-        except OSError:
-            pass
 
 
 def _readline(stream: IO[bytes], timeout: float) -> dict[str, Any] | None:

@@ -34,6 +34,7 @@ class Client(WSListener):
         self.strict = strict
         self.hello = asyncio.get_running_loop().create_future()
         self.complete = asyncio.get_running_loop().create_future()
+        self.gone = asyncio.get_running_loop().create_future()
         self.transport: WSTransport | None = None
         self.received = 0
         self.last_seq = -1
@@ -102,6 +103,7 @@ class Client(WSListener):
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.disconnected = True
+        self.gone.set_result(None)
         if not self.hello.done():
             self.hello.set_exception(ConnectionError("disconnected before hello"))
         if not self.complete.done():
@@ -191,9 +193,9 @@ async def main(job: dict[str, Any]) -> None:
         assert client.transport is not None
         client.transport.underlying_transport.resume_reading()
     if slow:
-        deadline = time.monotonic() + job.get("slow_drain_seconds", 15)
-        while time.monotonic() < deadline and not all(c.disconnected for c in clients[:slow]):
-            await asyncio.sleep(0.05)
+        await asyncio.wait(
+            [c.gone for c in clients[:slow]], timeout=job.get("slow_drain_seconds", 15)
+        )
         slow_report = [
             {"received": c.received, "close_code": c.close_code, "disconnected": c.disconnected}
             for c in clients[:slow]

@@ -62,7 +62,6 @@ async def main(port: int, writer: str) -> None:
         port=port,
         writer=writer,
         max_connections=20_000,
-        heartbeat_interval=0,
         handshake_timeout=60,
         hub_queue_size=8192,
     )

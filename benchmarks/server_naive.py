@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections import defaultdict
+from contextlib import suppress
 from typing import Any
 
 import orjson
@@ -37,10 +38,8 @@ async def handler(request: WebSocketRequest) -> None:
 
 async def send_to(targets: list[WebSocketConnection], text: str) -> None:
     for ws in targets:
-        try:
+        with suppress(ConnectionClosed):
             await ws.send_message(text)
-        except ConnectionClosed:
-            pass
 
 
 async def run_command(command: dict[str, Any]) -> None:

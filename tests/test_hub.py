@@ -335,7 +335,7 @@ async def test_a_failing_session_gets_1011_and_the_hub_survives(
 
 
 async def test_a_burst_larger_than_the_actor_batch_arrives_whole(writer: str) -> None:
-    """Sends that queue up without yielding are all delivered, in order (none lost between batches)."""
+    """Sends queued without yielding all arrive, in order: none is lost between batches."""
     burst = 1000  # many times the actor's per-wake batch
     with trio.fail_after(TIMEOUT):
         async with (

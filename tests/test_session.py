@@ -145,6 +145,12 @@ async def test_client_that_never_pongs_is_closed_4012() -> None:
                 assert hub.get_handler(polite_hello["session_id"]) is not None
                 await hub.send_message(polite_hello["session_id"], "still here")
                 assert await polite.get_message() == "still here"
+                # Closed from the server side: trio-websocket's *client* crashes
+                # when a ping reaches it while it is closing (wsproto refuses the
+                # pong), and a server-side close cannot race a ping.
+                hub.close(polite_hello["session_id"])
+                with pytest.raises(ConnectionClosed):
+                    await polite.get_message()
             await wait_for(lambda: hub.statistics().connections == 0)
             assert hub.statistics().closes_by_code[CloseCode.NO_PONG] == 1
 
@@ -167,26 +173,37 @@ async def test_churn_leaves_no_registry_entry() -> None:
     """Thousands of connects and disconnects, some clean, some abrupt, some mid-handshake."""
     workers, cycles = 20, 100
     outcomes = {"clean": 0, "abrupt": 0, "half_handshake": 0}
+    trouble: list[tuple[int, str, str]] = []
 
     async def worker(seed: int, url: str) -> None:
         rng = random.Random(seed)
         port = port_of(url)
         for _ in range(cycles):
             kind = rng.choice(["clean", "clean", "abrupt", "half_handshake"])
-            if kind == "clean":
-                async with open_websocket_url(f"{url}/?token=u{rng.randrange(50)}") as ws:
-                    await ws.get_message()
-            elif kind == "abrupt":
-                raw = await RawClient.connect(port, f"u{rng.randrange(50)}")
-                events: list[Any] = []
-                while not any(isinstance(e, TextMessage) for e in events):
-                    events += await raw.events()
-                await trio.aclose_forcefully(raw.stream)  # no close frame: a vanished client
-            else:
-                stream = await trio.open_tcp_stream("127.0.0.1", port)
-                await stream.send_all(b"GET /?token=x HTTP/1.1\r\nHost: x\r\n")
-                await trio.aclose_forcefully(stream)
+            started = trio.current_time()
+            try:
+                await cycle(kind, rng, url, port)
+            except BaseException as exc:
+                trouble.append((seed, kind, repr(exc)))
+                raise
+            if trio.current_time() - started > 5:
+                trouble.append((seed, kind, f"slow cycle {trio.current_time() - started:.1f}s"))
             outcomes[kind] += 1
+
+    async def cycle(kind: str, rng: random.Random, url: str, port: int) -> None:
+        if kind == "clean":
+            async with open_websocket_url(f"{url}/?token=u{rng.randrange(50)}") as ws:
+                await ws.get_message()
+        elif kind == "abrupt":
+            raw = await RawClient.connect(port, f"u{rng.randrange(50)}")
+            events: list[Any] = []
+            while not any(isinstance(e, TextMessage) for e in events):
+                events += await raw.events()
+            await trio.aclose_forcefully(raw.stream)  # no close frame: a vanished client
+        else:
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"GET /?token=x HTTP/1.1\r\nHost: x\r\n")
+            await trio.aclose_forcefully(stream)
 
     with trio.fail_after(120):
         async with running_hub(handshake_timeout=5) as (hub, url):
@@ -194,8 +211,15 @@ async def test_churn_leaves_no_registry_entry() -> None:
                 for seed in range(workers):
                     nursery.start_soon(worker, seed, url)
             sessions = outcomes["clean"] + outcomes["abrupt"]
-            await wait_for(lambda: hub.statistics().sessions_closed == sessions)
-            await wait_for(lambda: hub._live_connections == 0)
+            with trio.move_on_after(60):
+                await wait_for(lambda: hub.statistics().sessions_closed == sessions)
+                await wait_for(lambda: hub._live_connections == 0)
+            stuck = [
+                (s, s._close, s._ws.closed, s._dispatcher_done.done, s._writer_done.done)
+                for s in map(hub.get_handler, hub.session_ids()[:5])
+            ]
+            assert hub._live_connections == 0, (sessions, hub.statistics(), stuck)
+            assert not trouble, trouble
             await hub.flush()
             stats = hub.statistics()
             assert stats.sessions_opened == sessions

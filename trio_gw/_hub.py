@@ -52,6 +52,8 @@ _COMMAND_BATCH = 64
 # the burst's first message waits for at most 16 messages' worth of offers.
 _MESSAGES_PER_YIELD = 32
 _MIN_OFFERS_PER_YIELD = 4096
+# The heartbeat pings one of this many groups of sessions per tick.
+_HEARTBEAT_BUCKETS = 10
 
 
 class _State(enum.Enum):
@@ -465,6 +467,32 @@ class HandlerManager:
 
     # --- the actor: synchronous handlers, never awaiting a connection ---------
 
+    async def _run_heartbeat(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Ping every session once per ``heartbeat_interval``, spread over the interval.
+
+        Sessions fall into buckets by id, one bucket per tick, so that ten
+        thousand connections are not pinged in the same instant.
+        """
+        task_status.started()
+        interval = self._config.heartbeat_interval
+        if interval <= 0:
+            return
+        tick = interval / _HEARTBEAT_BUCKETS
+        bucket = 0
+        while True:
+            await trio.sleep(tick)
+            # A session is first pinged a full interval after it connected.
+            connected_before = trio.current_time() - interval
+            for session_id, session in self._registry.resolve(ToAll()):
+                if (
+                    hash(session_id) % _HEARTBEAT_BUCKETS == bucket
+                    and session._started_at <= connected_before
+                ):
+                    session._start_ping()
+            bucket = (bucket + 1) % _HEARTBEAT_BUCKETS
+
     async def _run_actor(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
@@ -710,9 +738,16 @@ class HandlerManager:
             self._instance_id,
             self._registry.session_count,
         )
-        await self._commands_send.send(
-            _Close(ToAll(), CloseCode.GOING_AWAY, "hub is shutting down", drain=True, remote=True)
-        )
+        try:
+            await self._commands_send.send(
+                _Close(
+                    ToAll(), CloseCode.GOING_AWAY, "hub is shutting down", drain=True, remote=True
+                )
+            )
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # The actor is gone already (an outer cancellation reached it first);
+            # the connections are cancelled below and unregister nothing.
+            return
         if self._live_connections == 0:
             return
         with trio.move_on_after(self._config.shutdown_timeout):
@@ -752,6 +787,7 @@ async def open_hub(
     )
     async with trio.open_nursery() as services:
         await services.start(hub._run_actor)
+        await services.start(hub._run_heartbeat)
         await services.start(hub._backplane.serve, hub)
         async with trio.open_nursery() as connections:
             hub._connections = connections

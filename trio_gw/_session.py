@@ -34,6 +34,33 @@ class Offer(enum.Enum):
     GONE = enum.auto()  # the session is closing; nothing more is written
 
 
+class _Finished:
+    """Whether something has finished; the Event is made only if someone waits.
+
+    Idle sessions are the common case, so per-session state is kept small: a
+    trio.Event with its parking lot costs more than this whole object.
+    """
+
+    __slots__ = ("_event", "done")
+
+    def __init__(self) -> None:
+        self.done = False
+        self._event: trio.Event | None = None
+
+    def set(self) -> None:
+        self.done = True
+        if self._event is not None:
+            self._event.set()
+
+    async def wait(self) -> None:
+        if self.done:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._event is None:
+            self._event = trio.Event()
+        await self._event.wait()
+
+
 @attrs.frozen
 class _CloseRequest:
     code: int
@@ -77,10 +104,12 @@ class Session:
     _queued_bytes: int = 0
     _close: _CloseRequest | None = None
     _nursery: trio.Nursery | None = None
-    _writer_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
-    _writer_done: trio.Event = attrs.Factory(trio.Event)
-    _close_done: trio.Event = attrs.Factory(trio.Event)
+    _writer_done: _Finished = attrs.Factory(_Finished)
+    _dispatcher_done: _Finished | None = None  # None until the first message arrives
+    _close_done: _Finished = attrs.Factory(_Finished)
     _reader_blocked: bool = False
+    _ping_in_flight: bool = False
+    _started_at: float = attrs.Factory(trio.current_time)
     _ended: bool = False
 
     @classmethod
@@ -178,10 +207,6 @@ class Session:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._write_loop)
-            dispatcher_done = trio.Event()
-            nursery.start_soon(self._dispatch_loop, dispatcher_done)
-            if config.heartbeat_interval > 0:
-                nursery.start_soon(self._heartbeat_loop)
             if self._close is not None:  # asked to close before the nursery existed
                 nursery.start_soon(self._close_procedure)
             await self._hub._register_session(self)
@@ -190,8 +215,9 @@ class Session:
                 await self._close_done.wait()
             # Messages the client sent before it left are still processed
             # (their side effects may matter), but not for longer than a close may take.
-            with trio.move_on_after(config.close_timeout):
-                await dispatcher_done.wait()
+            if self._dispatcher_done is not None:
+                with trio.move_on_after(config.close_timeout):
+                    await self._dispatcher_done.wait()
             nursery.cancel_scope.cancel()
 
     async def _read_loop(self) -> None:
@@ -199,6 +225,12 @@ class Session:
         try:
             while True:
                 message = await ws.get_message()
+                if self._dispatcher_done is None:
+                    # Started on the first message: many connections only
+                    # listen, and an idle task per connection costs memory.
+                    self._dispatcher_done = _Finished()
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._dispatch_loop, self._dispatcher_done)
                 counters.messages_in += 1
                 counters.bytes_in += (
                     len(message.encode()) if isinstance(message, str) else len(message)
@@ -218,7 +250,7 @@ class Session:
         finally:
             inbound.close()
 
-    async def _dispatch_loop(self, done: trio.Event) -> None:
+    async def _dispatch_loop(self, done: _Finished) -> None:
         hub, limit = self._hub, self._config.max_inflight_per_session
         try:
             if limit == 1:
@@ -244,30 +276,33 @@ class Session:
         recv, writer, counters = self._out_recv, self._writer, self._hub._counters
         max_write = self._config.max_write_bytes
         try:
-            with self._writer_scope:
-                while True:
+            while True:
+                try:
+                    frame = await recv.receive()
+                except trio.EndOfChannel:
+                    return
+                batch = [frame]
+                size = len(frame.wire)
+                while size < max_write:
                     try:
-                        frame = await recv.receive()
-                    except trio.EndOfChannel:
-                        return
-                    batch = [frame]
-                    size = len(frame.wire)
-                    while size < max_write:
-                        try:
-                            frame = recv.receive_nowait()
-                        except (trio.WouldBlock, trio.EndOfChannel):
-                            break
-                        batch.append(frame)
-                        size += len(frame.wire)
-                    self._queued_bytes -= size
-                    if not await writer.write(batch):
-                        counters.drops += len(batch)
-                        self._transport_lost()
-                        return
-                    counters.messages_out += len(batch)
-                    counters.bytes_out += size
-                    if self._close is not None and not self._close.drain:
-                        return
+                        frame = recv.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    batch.append(frame)
+                    size += len(frame.wire)
+                self._queued_bytes -= size
+                written = await writer.write(batch)
+                count = len(batch)
+                # An idle writer must not keep its last batch alive.
+                batch = frame = None  # type: ignore[assignment]
+                if not written:
+                    counters.drops += count
+                    self._transport_lost()
+                    return
+                counters.messages_out += count
+                counters.bytes_out += size
+                if self._close is not None and not self._close.drain:
+                    return
         finally:
             self._writer_done.set()
 
@@ -278,26 +313,39 @@ class Session:
         if self._close is None and self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
-    async def _heartbeat_loop(self) -> None:
-        interval, timeout = self._config.heartbeat_interval, self._config.heartbeat_timeout
-        while True:
-            await trio.sleep(interval)
-            if self._reader_blocked:
-                continue  # the client is sending faster than we read: it is alive
+    def _start_ping(self) -> None:
+        """Ping the client in a short-lived task (called by the hub's heartbeat).
+
+        A resident heartbeat task per session would cost memory on every idle
+        connection; a ping task lives only until its pong arrives.
+        """
+        if self._ping_in_flight or self._reader_blocked or self._close is not None:
+            return  # a client we cannot keep up with is alive by definition
+        if self._nursery is None or self._ended:
+            return
+        self._ping_in_flight = True
+        try:
+            self._nursery.start_soon(self._ping_once)
+        except RuntimeError:  # the session's nursery is closing
+            self._ping_in_flight = False
+
+    async def _ping_once(self) -> None:
+        timeout = self._config.heartbeat_timeout
+        try:
             with trio.move_on_after(timeout) as scope:
-                try:
-                    await self._ws.ping()
-                except ConnectionClosed:
-                    return
-            if scope.cancelled_caught and not self._reader_blocked:
-                logger.info(
-                    "session %s (user %s): no pong within %ss, closing",
-                    self.session_id,
-                    self.user_id,
-                    timeout,
-                )
-                await self._hub._close_session(self, CloseCode.NO_PONG, "no pong")
-                return
+                await self._ws.ping()
+        except ConnectionClosed:
+            return
+        finally:
+            self._ping_in_flight = False
+        if scope.cancelled_caught and not self._reader_blocked:
+            logger.info(
+                "session %s (user %s): no pong within %ss, closing",
+                self.session_id,
+                self.user_id,
+                timeout,
+            )
+            await self._hub._close_session(self, CloseCode.NO_PONG, "no pong")
 
     async def _close_after_failure(self) -> None:
         """Close with 1011 after an unexpected error ended the session's tasks."""
@@ -317,10 +365,10 @@ class Session:
                 await self._writer_done.wait()
             dropped = self._out_recv.statistics().current_buffer_used
             self._hub._counters.drops += dropped
-            if not self._writer_done.is_set():
+            if not self._writer_done.done:
                 # The client is not reading: a frame may be half written, so a
-                # close frame cannot follow it. Abort the TCP connection instead.
-                self._writer_scope.cancel()
+                # close frame cannot follow it. Abort the TCP connection instead;
+                # closing the stream also ends the writer's blocked send.
                 await trio.aclose_forcefully(self._ws)
                 return
             with trio.move_on_after(timeout) as scope:
