@@ -306,9 +306,16 @@ def slow_consumer(
     normal: int,
     messages: int,
     size: int = 1000,
+    rate: int = 1000,
     timeout: float = 60,
     slow_drain_seconds: float = 10,
 ) -> dict[str, Any]:
+    """Normal clients and one that stopped reading, at a paced ``rate`` of broadcasts.
+
+    Paced, because the question is whether the normal clients keep receiving at
+    the offered rate while one client is stuck. Unpaced, a hub faster than the
+    load generator overflows every client's queue, which measures the client.
+    """
     users = ["slow"] + [f"u{i}" for i in range(normal)]
     gens = _connect(
         server,
@@ -323,7 +330,7 @@ def slow_consumer(
     _ready(gens)
     rss0 = server.rss()
     cpu0, t0 = server.cpu(), time.monotonic()
-    server.send({"op": "fanout", "count": messages, "size": size})
+    server.send({"op": "fanout", "count": messages, "size": size, "rate": rate})
     result = _delivery_result(server, gens, normal * messages, cpu0, t0, timeout + 30)
     server.reply(5)
     slow = result.pop("slow")

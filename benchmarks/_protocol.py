@@ -5,7 +5,8 @@
 * The harness drives a server through its stdin, one JSON command per line, and
   the server answers each on stdout with one JSON line:
 
-  - ``{"op": "fanout", "count": N, "size": S}``: send N messages to every connection;
+  - ``{"op": "fanout", "count": N, "size": S, "rate": R}``: send N messages to every
+    connection, R messages a second (as fast as possible without R);
   - ``{"op": "to_users", "calls": C, "per_call": K, "users": U, "seed": X}``: C calls,
     each to every connection of K users drawn by ``user_draws``;
   - ``{"op": "quit"}``.

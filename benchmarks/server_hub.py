@@ -34,7 +34,10 @@ async def control(hub: trio_gw.HandlerManager) -> None:
             if op == "quit":
                 return
             if op == "fanout":
+                start, rate = trio.current_time(), command.get("rate")
                 for seq in range(command["count"]):
+                    if rate:
+                        await trio.sleep_until(start + seq / rate)
                     await hub.send_message_to_all(message(seq, command["size"]).decode())
             elif op == "to_users":
                 draws = user_draws(

@@ -44,7 +44,10 @@ async def send_to(targets: list[WebSocketConnection], text: str) -> None:
 
 async def run_command(command: dict[str, Any]) -> None:
     if command["op"] == "fanout":
+        start, rate = trio.current_time(), command.get("rate")
         for seq in range(command["count"]):
+            if rate:
+                await trio.sleep_until(start + seq / rate)
             await send_to(list(everyone), message(seq, command["size"]).decode())
     elif command["op"] == "to_users":
         draws = user_draws(command["calls"], command["per_call"], command["users"], command["seed"])

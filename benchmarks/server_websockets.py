@@ -32,9 +32,13 @@ async def handler(ws: ServerConnection) -> None:
             del connections[user]
 
 
-def run_command(command: dict[str, Any]) -> None:
+async def run_command(command: dict[str, Any]) -> None:
     if command["op"] == "fanout":
+        loop = asyncio.get_running_loop()
+        start, rate = loop.time(), command.get("rate")
         for seq in range(command["count"]):
+            if rate:
+                await asyncio.sleep(max(0.0, start + seq / rate - loop.time()))
             broadcast(everyone, message(seq, command["size"]).decode())
     elif command["op"] == "to_users":
         draws = user_draws(command["calls"], command["per_call"], command["users"], command["seed"])
@@ -55,7 +59,7 @@ async def main(port: int) -> None:
             command = orjson.loads(line)
             if command["op"] == "quit":
                 return
-            run_command(command)
+            await run_command(command)
             print(orjson.dumps({"ok": True}).decode(), flush=True)
 
 

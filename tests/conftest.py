@@ -14,7 +14,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
-import pytest
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
@@ -74,6 +73,16 @@ async def wait_for(predicate: Any, interval: float = 0.005) -> None:
         await trio.sleep(interval)
 
 
-@pytest.fixture
-def fail_after() -> Any:
-    return trio.fail_after(TIMEOUT)
+def echo_round_trip(url: str, params: Any, trace_id: str) -> tuple[Any, Any]:
+    """With the ``websockets`` client (blocking; run it in a thread): the hello event,
+    then the answer to one request frame."""
+    from websockets.sync.client import connect
+
+    request = {
+        "type": "request",
+        "payload": {"service": "svc", "method": "m", "params": params, "trace_id": trace_id},
+    }
+    with connect(url, open_timeout=5) as ws:
+        hello = orjson.loads(ws.recv(timeout=5))
+        ws.send(orjson.dumps(request).decode())
+        return hello, orjson.loads(ws.recv(timeout=5))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -10,12 +9,10 @@ import subprocess
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import trio
-from websockets.sync.client import connect
 
-from .conftest import TIMEOUT
+from .conftest import TIMEOUT, echo_round_trip
 
 TRIO_GW = str(Path(sys.executable).with_name("trio-gw"))
 
@@ -29,25 +26,6 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
         env={**os.environ, **(env or {})},
         check=False,
     )
-
-
-def echo_round_trip(url: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    with connect(url, open_timeout=5) as ws:
-        hello = json.loads(ws.recv(timeout=5))
-        ws.send(
-            json.dumps(
-                {
-                    "type": "request",
-                    "payload": {
-                        "service": "svc",
-                        "method": "m",
-                        "params": {"a": 1},
-                        "trace_id": "t-9",
-                    },
-                }
-            )
-        )
-        return hello, json.loads(ws.recv(timeout=5))
 
 
 async def test_serve_dev_mode_echo_and_sigterm() -> None:
@@ -69,7 +47,7 @@ async def test_serve_dev_mode_echo_and_sigterm() -> None:
                 log += chunk
             assert b"DEV MODE" in log
             url = f"ws://127.0.0.1:{int(match.group(1))}/?token=alice"
-            hello, response = await trio.to_thread.run_sync(echo_round_trip, url)
+            hello, response = await trio.to_thread.run_sync(echo_round_trip, url, {"a": 1}, "t-9")
             assert hello["payload"]["event"]["user_id"] == "alice"
             assert response["payload"] == {"trace_id": "t-9", "result": {"a": 1}, "error": None}
             process.send_signal(signal.SIGTERM)

@@ -16,7 +16,7 @@ from websockets.sync.client import connect
 
 from trio_gw import AuthRefused, Handshake, Identity, bearer_token_authorizer
 
-from .conftest import TIMEOUT, client, running_hub, wait_for
+from .conftest import TIMEOUT, client, echo_round_trip, running_hub, wait_for
 
 TOKENS = {"tok-alice": Identity("alice", "Alice")}
 
@@ -129,29 +129,11 @@ async def test_no_authorizer_refuses_everything(caplog: pytest.LogCaptureFixture
 async def test_websockets_client_round_trip() -> None:
     """A second client library: hello, an echo request, and a clean close."""
 
-    def session(url: str) -> tuple[dict[str, Any], Any]:
-        with connect(url, open_timeout=5) as ws:
-            hello = json.loads(ws.recv(timeout=5))
-            ws.send(
-                json.dumps(
-                    {
-                        "type": "request",
-                        "payload": {
-                            "service": "s",
-                            "method": "m",
-                            "params": [1, 2],
-                            "trace_id": "t-1",
-                        },
-                    }
-                )
-            )
-            return hello, json.loads(ws.recv(timeout=5))
-
     from trio_gw import echo_backend
 
     with trio.fail_after(TIMEOUT):
         async with running_hub(echo_backend) as (hub, url):
-            hello, response = await in_thread(session, f"{url}/?token=zed")
+            hello, response = await in_thread(echo_round_trip, f"{url}/?token=zed", [1, 2], "t-1")
             assert hello["type"] == "event" and hello["payload"]["event"]["user_id"] == "zed"
             assert response == {
                 "type": "response",
