@@ -82,7 +82,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--write-results", action="store_true", help="write benchmarks/RESULTS.md")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="where JSON lines go")
+    parser.add_argument(
+        "--from-jsonl", type=Path, help="render (and with --write-results, write) a past run"
+    )
     args = parser.parse_args(argv)
+    if args.from_jsonl:
+        past = [orjson.loads(line) for line in args.from_jsonl.read_text().splitlines()]
+        table = render(past)
+        print(table)
+        if args.write_results:
+            args.full = any(r["repetitions"] > 1 for r in past)
+            (HERE / "RESULTS.md").write_text(results_page(table, args, past[0]["repetitions"]))
+        return 0
     repeat = args.repeat or (3 if args.full else 1)
     args.out.mkdir(parents=True, exist_ok=True)
     jsonl = args.out / f"run-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
@@ -245,6 +256,34 @@ ratio above 1 means trio_gw did better.
 Machine: {cpu}, {psutil_cores()} cores, Python {platform.python_version()},
 {platform.system()} {platform.release()}.
 Versions: {versions}.
+
+## How to read these numbers
+
+- **Server CPU per delivery** is the headline figure for fanout and to_users: it is
+  what a hub node can sustain per core. Absolute figures vary by about 20% from run
+  to run on this kind of machine; compare ratios within one run.
+- **Latency in fanout and to_users** is measured from the moment the server was
+  asked to send a message to the moment a client had it. In these scenarios the
+  server is asked for a whole burst at once. trio_gw takes the burst in one go
+  (its senders do not yield while the hub keeps up, and yield every 32 messages'
+  worth of work), and writes each connection's share in large batches: the burst
+  finishes several times sooner, but the median message waits behind more of it.
+  `websockets` writes every message to every socket as it is produced, so a
+  message waits only for the one before it, and the burst takes longer.
+- **slow_consumer** is paced at 1,000 broadcasts a second, so that the question is
+  whether the normal clients keep receiving while one client is stuck. Unpaced,
+  trio_gw produces faster than one load-generator process can read, and every
+  client's queue overflows, which measures the client. Paced, the messages arrive
+  one at a time, so each delivery wakes its connection's writer: this is trio_gw's
+  most expensive case per delivery. The stuck client is closed once its queue
+  overflows. It sees the 4008 close frame if it reads again within
+  `close_timeout`; a client that never reads cannot receive a close frame behind
+  the frame it stopped in the middle of, so after `close_timeout` its TCP
+  connection is aborted ("disconnected (no close frame)" here, because the load
+  generator resumes reading only at the end). `websockets` buffers everything for
+  the stuck client; the naive trio-websocket server stalls every client.
+- **idle** memory is the server's RSS growth per open connection. trio-websocket
+  alone accounts for about 20 KiB of it (the naive server's figure).
 {table}
 """
 
