@@ -400,18 +400,19 @@ class HandlerManager:
 
     async def _send(self, target: Target, frame: Frame) -> None:
         """Deliver ``frame``: at once if the actor is idle, else through its queue."""
+        budget = max(_MIN_OFFERS_PER_YIELD, _MESSAGES_PER_YIELD * self._registry.session_count)
+        if self._offers_since_yield >= budget:
+            self._offers_since_yield = 0
+            await trio.lowlevel.checkpoint()
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
         self._check_running(False)
+        # Checked after any yield, and nothing awaits between the check and the
+        # delivery: if nothing is queued ahead of this send, delivering it here
+        # is exactly what the actor would do next (same code, same order, one
+        # task switch fewer). It only reads the registry; a slow consumer it
+        # finds is closed, and its unregistering is left to the actor.
         if self._actor_idle():
-            budget = max(_MIN_OFFERS_PER_YIELD, _MESSAGES_PER_YIELD * self._registry.session_count)
-            if self._offers_since_yield >= budget:
-                self._offers_since_yield = 0
-                await trio.lowlevel.checkpoint()
-            else:
-                await trio.lowlevel.checkpoint_if_cancelled()
-            # Nothing is queued ahead of this send, so delivering it here is
-            # exactly what the actor would do next: same code, same order, one
-            # task switch fewer. It only reads the registry; a slow consumer it
-            # finds is closed, and its unregistering is left to the actor.
             self._deliver(target, frame, remote=False, in_actor=False)
             return
         await self._submit(_Deliver(target, frame))
