@@ -16,6 +16,10 @@ The internals it relies on (checked by ``fast_writer_supported`` and by
 * ``WebSocketConnection._stream_lock``: the ``trio.StrictFIFOLock`` serialising writes;
 * ``WebSocketConnection._wsproto``: the ``wsproto.WSConnection`` with its ``state``.
 
+On a plain TCP stream the writer first tries one non-blocking ``os.write`` on
+the socket's file descriptor (public: ``SocketStream.socket.fileno()``) and
+hands only what did not fit to ``send_all``.
+
 If any of them is missing the hub falls back to ``PortableWriter``, which uses
 only the public API, and logs a warning once.
 """
@@ -23,6 +27,7 @@ only the public API, and logs a warning once.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Protocol
 
 import trio
@@ -81,18 +86,23 @@ class PortableWriter:
 
 
 class FastWriter:
-    """Writes pre-built frames, coalesced into one ``send_all`` per call."""
+    """Writes pre-built frames, coalesced into one write per call."""
 
-    __slots__ = ("_lock", "_proto", "_stream")
+    __slots__ = ("_lock", "_proto", "_socket", "_stream")
 
     def __init__(self, ws: WebSocketConnection) -> None:
         self._stream: trio.abc.Stream = ws._stream
         self._lock: trio.StrictFIFOLock = ws._stream_lock
         self._proto = ws._wsproto
+        # Plain TCP (not TLS): the first attempt is a direct non-blocking write.
+        stream = self._stream
+        self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
 
     async def write(self, frames: list[Frame]) -> bool:
         """See ``FrameWriter.write``."""
-        data = frames[0].wire if len(frames) == 1 else b"".join([f.wire for f in frames])
+        data: bytes | memoryview = (
+            frames[0].wire if len(frames) == 1 else b"".join([f.wire for f in frames])
+        )
         lock = self._lock
         # An uncontended lock costs a checkpoint in ``async with``; send_all
         # checkpoints anyway, so only wait when the reader is writing a pong.
@@ -103,6 +113,23 @@ class FastWriter:
         try:
             if self._proto.state is not ConnectionState.OPEN:
                 return False
+            if self._socket is not None:
+                # trio's send_all ends every send with a scheduling round; a
+                # socket that can take the data now takes it in one syscall.
+                # The fd is read afresh (-1 once closed) with no await before
+                # the write, so a closed socket's reused fd is never written.
+                fd = self._socket.fileno()
+                if fd < 0:
+                    return False
+                try:
+                    sent = os.write(fd, data)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    return False  # reset or broken: the reader sees it too
+                if sent == len(data):
+                    return True
+                data = memoryview(data)[sent:]
             await self._stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return False
