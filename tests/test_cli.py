@@ -73,6 +73,9 @@ def test_check_config_names_the_bad_field(tmp_path: Path) -> None:
     bad_file = run("check-config", "--config", str(config))
     assert bad_file.returncode == 2
     assert "heartbeat_timeout" in bad_file.stderr and "-3" in bad_file.stderr
+    bad_flag = run("check-config", "--port", "99999")
+    assert bad_flag.returncode == 2
+    assert "port: expected an integer 0..65535, got 99999" in bad_flag.stderr
 
 
 def test_flags_beat_env_beat_file(tmp_path: Path) -> None:

@@ -49,13 +49,7 @@ def load_config(args: argparse.Namespace, environ: dict[str, str] | None = None)
     flags: dict[str, Any] = {
         name: getattr(args, name) for name in ("host", "port") if getattr(args, name) is not None
     }
-    return HubConfig.from_mapping({**_as_dict(config), **flags}) if flags else config
-
-
-def _as_dict(config: HubConfig) -> dict[str, Any]:
-    import attrs
-
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.asdict(config).items()}
+    return config.evolve(**flags) if flags else config
 
 
 async def _serve(config: HubConfig) -> None:

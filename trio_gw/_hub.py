@@ -25,6 +25,7 @@ from ._backplane import (
 )
 from ._close_codes import CloseCode
 from ._config import HubConfig
+from ._devmode import dev_authorizer
 from ._errors import AuthRefused, ConfigError, HubClosedError, HubOverloadedError
 from ._frames import Frame, encode_frame
 from ._origins import OriginPolicy
@@ -852,8 +853,6 @@ async def serve_hub(
         ConfigError: the hub uses the dev authorizer and ``host`` is not loopback.
         OSError: the address cannot be bound.
     """
-    from ._devmode import dev_authorizer
-
     if hub._connections is None or not hub.running:
         raise HubClosedError("serve_hub needs a running hub: use it inside `async with open_hub()`")
     host = hub.config.host if host is None else host
