@@ -34,7 +34,7 @@ async def test_serve_dev_mode_echo_and_sigterm() -> None:
             process = await nursery.start(
                 partial(
                     trio.run_process,
-                    [TRIO_GW, "serve", "--port", "0"],
+                    [TRIO_GW, "serve", "--port", "0", "--admin-port", "0"],
                     stderr=subprocess.PIPE,
                     check=False,
                 )
@@ -60,14 +60,14 @@ async def test_serve_dev_mode_echo_and_sigterm() -> None:
 def test_dev_mode_refuses_non_loopback() -> None:
     result = run("serve", "--host", "0.0.0.0", "--port", "0")
     assert result.returncode == 2
-    assert "host" in result.stderr and "loopback" in result.stderr
+    assert "hub.host" in result.stderr and "loopback" in result.stderr
 
 
 def test_check_config_names_the_bad_field(tmp_path: Path) -> None:
     assert run("check-config").returncode == 0
     bad_env = run("check-config", env={"TRIO_GW_MAX_CONNECTIONS": "lots"})
     assert bad_env.returncode == 2
-    assert "max_connections: expected an integer, got 'lots'" in bad_env.stderr
+    assert "hub.max_connections: expected an integer, got 'lots'" in bad_env.stderr
     config = tmp_path / "hub.toml"
     config.write_text("[hub]\nheartbeat_timeout = -3\n")
     bad_file = run("check-config", "--config", str(config))
@@ -75,7 +75,7 @@ def test_check_config_names_the_bad_field(tmp_path: Path) -> None:
     assert "heartbeat_timeout" in bad_file.stderr and "-3" in bad_file.stderr
     bad_flag = run("check-config", "--port", "99999")
     assert bad_flag.returncode == 2
-    assert "port: expected an integer 0..65535, got 99999" in bad_flag.stderr
+    assert "hub.port: expected an integer 0..65535, got 99999" in bad_flag.stderr
 
 
 def test_flags_beat_env_beat_file(tmp_path: Path) -> None:
@@ -85,4 +85,5 @@ def test_flags_beat_env_beat_file(tmp_path: Path) -> None:
     config.write_text("[hub]\nport = 9001\nmax_connections = 7\nclose_timeout = 2.5\n")
     args = _parser().parse_args(["serve", "--config", str(config), "--port", "9003"])
     loaded = load_config(args, {"TRIO_GW_PORT": "9002", "TRIO_GW_MAX_CONNECTIONS": "8"})
-    assert (loaded.port, loaded.max_connections, loaded.close_timeout) == (9003, 8, 2.5)
+    hub = loaded.hub
+    assert (hub.port, hub.max_connections, hub.close_timeout) == (9003, 8, 2.5)

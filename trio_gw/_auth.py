@@ -40,6 +40,11 @@ class Identity:
         user_id: The user; one user may hold many sessions.
         username: A display name (defaults to ``user_id``).
         claims: Anything else the authorizer learned (e.g. decoded token claims).
+        valid_until: Unix time after which the hub closes the session with
+            4005 (``CloseCode.AUTH_EXPIRED``) unless ``HandlerManager.refresh_identity``
+            gives it a later one first; None means it never expires.
+        credentials: The raw credential the client presented (e.g. its bearer
+            token), kept so that it can be forwarded to a backend; never logged.
     """
 
     user_id: str = attrs.field(validator=attrs.validators.instance_of(str))
@@ -48,6 +53,8 @@ class Identity:
         validator=attrs.validators.instance_of(str),
     )
     claims: Mapping[str, Any] = attrs.field(default=_EMPTY, converter=_readonly)
+    valid_until: float | None = attrs.field(default=None, kw_only=True)
+    credentials: str | None = attrs.field(default=None, kw_only=True, repr=False)
 
     def __attrs_post_init__(self) -> None:
         if not self.user_id:

@@ -1,4 +1,4 @@
-"""The ``trio-gw`` command line: a thin layer over ``HubConfig``, ``open_hub`` and ``serve_hub``."""
+"""The ``trio-gw`` command line: a thin layer over ``GatewayConfig`` and ``serve_gateway``."""
 
 from __future__ import annotations
 
@@ -7,92 +7,125 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import trio
 
-from ._config import HubConfig
-from ._devmode import dev_authorizer, echo_backend
 from ._errors import ConfigError
-from ._hub import is_loopback, open_hub, serve_hub
+from ._gateway import Gateway, check_gateway_config, serve_gateway
+from ._gateway_config import GatewayConfig
+from ._logging import configure_logging
 
 __all__ = ["main"]
 
 logger = logging.getLogger("trio_gw")
 
+# flag -> (section, field); a flag left out keeps the file's or environment's value.
+_FLAGS: dict[str, tuple[str, str]] = {
+    "host": ("hub", "host"),
+    "port": ("hub", "port"),
+    "admin_host": ("admin", "host"),
+    "admin_port": ("admin", "port"),
+    "backend_url": ("backend", "url"),
+    "tls_cert": ("tls", "cert_file"),
+    "tls_key": ("tls", "key_file"),
+    "log_format": ("log", "format"),
+    "log_level": ("log", "level"),
+}
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="trio-gw", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="trio-gw",
+        description="A Trio WebSocket hub. Settings: flags > TRIO_GW_* environment > "
+        "--config file > defaults. Without [auth] it runs in dev mode: the token is the "
+        "user id, requests are echoed, and only loopback is bound.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
-        ("serve", "run a hub (dev mode: token = user id, echo backend, loopback only)"),
-        ("check-config", "validate the configuration and exit"),
+        ("serve", "run the hub, its admin API and its backend forwarding"),
+        ("check-config", "validate the configuration (and load its key files), then exit"),
     ):
         command = commands.add_parser(name, help=help_text)
-        command.add_argument("--config", metavar="FILE", help="TOML config file ([hub] table)")
-        command.add_argument("--host", help="interface to bind (default 127.0.0.1)")
-        command.add_argument("--port", type=int, help="port to bind, 0 for any (default 8765)")
-        command.add_argument(
-            "--log-level",
-            default="INFO",
-            choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-            help="log level (default INFO)",
-        )
+        command.add_argument("--config", metavar="FILE", help="TOML config file (see hub.toml)")
+        command.add_argument("--host", help="interface for clients (default 127.0.0.1)")
+        command.add_argument("--port", type=int, help="port for clients, 0 for any (default 8765)")
+        command.add_argument("--admin-host", help="interface for the admin API (default 127.0.0.1)")
+        command.add_argument("--admin-port", type=int, help="admin API port (default 8766)")
+        command.add_argument("--backend-url", help="POST client requests to this URL")
+        command.add_argument("--tls-cert", metavar="PEM", help="serve wss:// with this certificate")
+        command.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+        command.add_argument("--log-format", choices=["text", "json"], help="default text")
+        command.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
 
-def load_config(args: argparse.Namespace, environ: dict[str, str] | None = None) -> HubConfig:
-    """Defaults < config file < ``TRIO_GW_*`` environment < flags actually given."""
-    config = HubConfig.from_toml(args.config) if args.config else HubConfig()
-    config = HubConfig.from_env(os.environ if environ is None else environ, base=config)
-    flags: dict[str, Any] = {
-        name: getattr(args, name) for name in ("host", "port") if getattr(args, name) is not None
-    }
-    return config.evolve(**flags) if flags else config
+def load_config(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> GatewayConfig:
+    """Defaults < config file < ``TRIO_GW_*`` environment < flags actually given.
+
+    Raises:
+        ConfigError: a value is bad; the message names the field.
+    """
+    config = GatewayConfig.from_toml(args.config) if args.config else GatewayConfig()
+    config = GatewayConfig.from_env(os.environ if environ is None else environ, base=config)
+    changes: dict[str, dict[str, Any]] = {}
+    for flag, (section, field) in _FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            changes.setdefault(section, {})[field] = value
+    return config.evolve(**changes) if changes else config
 
 
-async def _serve(config: HubConfig) -> None:
-    logger.warning(
-        "DEV MODE: any bearer token (or ?token=) is accepted as the user id, and requests "
-        "are echoed back. Not for production; bound to loopback only."
-    )
-    async with (
-        open_hub("trio-gw", "hub", echo_backend, config=config, authorizer=dev_authorizer) as hub,
-        trio.open_nursery() as nursery,
-    ):
-        port = await nursery.start(serve_hub, hub)
-        logger.info("ready: ws://%s:%d/?token=<user id>", config.host, port)
+async def _serve(config: GatewayConfig) -> None:
+    async with trio.open_nursery() as nursery:
+
+        async def run_gateway(*, task_status: trio.TaskStatus[Gateway]) -> None:
+            await serve_gateway(config, task_status=task_status)
+            nursery.cancel_scope.cancel()  # shut down: stop waiting for signals too
+
+        gateway: Gateway = await nursery.start(run_gateway)
+        scheme = "wss" if config.tls.enabled else "ws"
+        hint = "?token=<user id>" if config.auth.dev_mode else ""
+        admin = (
+            f"; admin API and dashboard on http://{config.admin.host}:{gateway.admin_port}/"
+            if gateway.admin_port is not None
+            else ""
+        )
+        logger.info("ready: %s://%s:%d/%s%s", scheme, config.hub.host, gateway.port, hint, admin)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
-                logger.info("%s received: shutting down", signal.Signals(signum).name)
-                break
-        nursery.cancel_scope.cancel()
+                name = signal.Signals(signum).name
+                if gateway.ready:
+                    logger.info(
+                        "%s received: shutting down (at most %gs; a second signal exits at once)",
+                        name,
+                        config.hub.shutdown_timeout + config.hub.close_timeout,
+                    )
+                    gateway.shutdown()
+                else:
+                    logger.warning("%s received again: exiting at once", name)
+                    logging.shutdown()
+                    os._exit(128 + signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``trio-gw`` command line; returns the process exit code."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
     try:
         config = load_config(args)
+        if args.command == "check-config":
+            check_gateway_config(config)
     except ConfigError as exc:
         print(f"trio-gw: invalid configuration: {exc}", file=sys.stderr)
         return 2
     if args.command == "check-config":
-        print("configuration OK")
+        mode = "dev mode (no auth)" if config.auth.dev_mode else f"JWT {config.auth.jwt_algorithm}"
+        print(f"configuration OK: {mode}, clients on {config.hub.host}:{config.hub.port}")
         return 0
-    if not is_loopback(config.host):
-        print(
-            f"trio-gw: invalid configuration: host: dev mode (token = user id, no real auth) "
-            f"binds loopback only, got {config.host!r}",
-            file=sys.stderr,
-        )
-        return 2
+    configure_logging(config.log.format, config.log.level)
     try:
         trio.run(_serve, config)
     except BaseException as exc:
@@ -101,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"trio-gw: invalid configuration: {error}", file=sys.stderr)
             return 2
         if isinstance(error, OSError):
-            print(f"trio-gw: cannot serve on {config.host}:{config.port}: {error}", file=sys.stderr)
+            print(f"trio-gw: cannot serve: {error}", file=sys.stderr)
             return 1
         raise
     return 0

@@ -7,7 +7,7 @@ import os
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import cattrs
@@ -156,22 +156,7 @@ class HubConfig:
         Raises:
             ConfigError: an unknown key or a bad value; the message names the field.
         """
-        try:
-            return _converter.structure(dict(data), cls)
-        except ConfigError:
-            raise
-        except cattrs.ClassValidationError as exc:
-            causes = [e for e in _leaves(exc) if isinstance(e, ConfigError)]
-            if causes:
-                raise ConfigError("; ".join(str(c) for c in causes)) from None
-            raise ConfigError(
-                "; ".join(
-                    _field_first(m)
-                    for m in cattrs.transform_error(
-                        exc, path="config", format_exception=_format_exception
-                    )
-                )
-            ) from None
+        return _structure(data, cls)
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> HubConfig:
@@ -204,20 +189,50 @@ class HubConfig:
             ConfigError: a variable has a bad value; the message names it.
         """
         environ = os.environ if environ is None else environ
-        data = _converter.unstructure(base or cls())
-        for field in attrs.fields(cls):
-            raw = environ.get(_ENV_PREFIX + field.name.upper())
-            if raw is None:
-                continue
-            if field.name == "allowed_origins":
-                data[field.name] = [o.strip() for o in raw.split(",") if o.strip()]
-            else:
-                data[field.name] = raw
-        return cls.from_mapping(data)
+        return _structure(_env_over(cls, base or cls(), environ, _ENV_PREFIX), cls)
 
     def evolve(self, **changes: Any) -> HubConfig:
         """Return a copy with ``changes`` applied and validated."""
         return attrs.evolve(self, **changes)
+
+
+_T = TypeVar("_T")
+
+
+def _structure(data: Mapping[str, Any], cls: type[_T]) -> _T:
+    """Structure and validate one config class; errors name the field."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"expected a table, got {data!r}")
+    try:
+        return _converter.structure(dict(data), cls)
+    except ConfigError:
+        raise
+    except cattrs.ClassValidationError as exc:
+        causes = [e for e in _leaves(exc) if isinstance(e, ConfigError)]
+        if causes:
+            raise ConfigError("; ".join(str(c) for c in causes)) from None
+        raise ConfigError(
+            "; ".join(
+                _field_first(m)
+                for m in cattrs.transform_error(
+                    exc, path="config", format_exception=_format_exception
+                )
+            )
+        ) from None
+
+
+def _env_over(cls: type[Any], base: Any, environ: Mapping[str, str], prefix: str) -> dict[str, Any]:
+    """``base`` as plain data, with ``<prefix><FIELD>`` variables laid over it."""
+    data: dict[str, Any] = _converter.unstructure(base)
+    for field in attrs.fields(cls):
+        raw = environ.get(prefix + field.name.upper())
+        if raw is None:
+            continue
+        if field.type in ("tuple[str, ...]", tuple[str, ...]):
+            data[field.name] = [item.strip() for item in raw.split(",") if item.strip()]
+        else:
+            data[field.name] = raw
+    return data
 
 
 def _format_exception(exc: BaseException, _type: Any) -> str:
@@ -228,10 +243,10 @@ def _format_exception(exc: BaseException, _type: Any) -> str:
     return str(exc)
 
 
-def _field_first(message: str) -> str:
+def _field_first(message: str, root: str = "config") -> str:
     """Turn cattrs's "problem @ config.port" into "port: problem"."""
     problem, _, path = message.rpartition(" @ ")
-    field = path.removeprefix("config").lstrip(".")
+    field = path.removeprefix(root).lstrip(".")
     return f"{field}: {problem}" if field else problem
 
 
@@ -269,6 +284,17 @@ def _structure_float(value: Any, _type: type) -> float:
     raise ValueError(f"expected a number, got {value!r}")
 
 
+def _structure_bool(value: Any, _type: type) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _BOOLEAN_WORDS:
+        return _BOOLEAN_WORDS[value.strip().lower()]
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+_BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def _structure_str(value: Any, _type: type) -> str:
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {value!r}")
@@ -279,3 +305,4 @@ _converter = make_converter(forbid_extra_keys=True)
 _converter.register_structure_hook(int, _structure_int)
 _converter.register_structure_hook(float, _structure_float)
 _converter.register_structure_hook(str, _structure_str)
+_converter.register_structure_hook(bool, _structure_bool)

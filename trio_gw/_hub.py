@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import enum
+import heapq
 import ipaddress
+import itertools
 import logging
+import math
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager, suppress
 from typing import Any, NoReturn, TypeAlias
@@ -166,6 +170,12 @@ class HandlerManager:
         self._live_connections = 0
         self._offers_since_yield = 0
         self._all_connections_ended = trio.Event()
+        # (trio deadline, tie-breaker, session id): when sessions' credentials
+        # expire. Stale entries (refreshed or gone sessions) are skipped when
+        # they come up, and swept when they outnumber the live sessions.
+        self._expiries: list[tuple[float, int, str]] = []
+        self._expiry_seq = itertools.count()
+        self._expiry_wakeup: trio.CancelScope | None = None
 
     # --- properties --------------------------------------------------------
 
@@ -235,6 +245,27 @@ class HandlerManager:
         """Every user with a session on this node."""
         return list(self._registry.user_ids())
 
+    def refresh_identity(self, handler: Session, identity: Identity) -> None:
+        """Replace a session's identity, e.g. after the client sent a fresh token.
+
+        The session's expiry moves to ``identity.valid_until``. A session that
+        is closing is left as it is.
+
+        Raises:
+            ValueError: ``identity`` is for a different user than the session's;
+                a session never changes hands.
+        """
+        if identity.user_id != handler.user_id:
+            raise ValueError(
+                f"identity is for user {identity.user_id!r}, session {handler.session_id} "
+                f"belongs to {handler.user_id!r}"
+            )
+        if handler.closing or handler._ended:
+            return
+        handler.identity = identity
+        if self._registry.get(handler.session_id) is handler:
+            self._schedule_expiry(handler)
+
     def statistics(self) -> HubStatistics:
         """A frozen snapshot of this node's counters and gauges."""
         return self._counters.snapshot(
@@ -271,7 +302,10 @@ class HandlerManager:
         except Exception as exc:
             self._counters.callback_errors += 1
             logger.exception(
-                "session %s (user %s): message handler raised", handler.session_id, handler.user_id
+                "session %s (user %s): message handler raised",
+                handler.session_id,
+                handler.user_id,
+                extra=handler.log_fields,
             )
             await self.to_handler_message(
                 handler,
@@ -461,10 +495,12 @@ class HandlerManager:
     async def _register_session(self, session: Session) -> None:
         await self._submit(_Register(session), internal=True)
 
-    async def _close_session(self, session: Session, code: int, reason: str) -> None:
+    async def _close_session(
+        self, session: Session, code: int, reason: str, *, drain: bool = False
+    ) -> None:
         with suppress(HubClosedError):  # shutting down: the session closes anyway
             await self._submit(
-                _Close(ToSession(session.session_id), code, reason, drain=False), internal=True
+                _Close(ToSession(session.session_id), code, reason, drain=drain), internal=True
             )
 
     # --- the actor: synchronous handlers, never awaiting a connection ---------
@@ -494,6 +530,56 @@ class HandlerManager:
                 ):
                     session._start_ping()
             bucket = (bucket + 1) % _HEARTBEAT_BUCKETS
+
+    def _schedule_expiry(self, session: Session) -> None:
+        valid_until = session.identity.valid_until
+        if valid_until is None:
+            session._expires_at = None
+            return
+        # valid_until is wall-clock time; the timer runs on trio's clock.
+        deadline = trio.current_time() + (valid_until - time.time())
+        session._expires_at = deadline
+        expiries = self._expiries
+        if len(expiries) > 2 * self._registry.session_count + 1024:
+            expiries[:] = [
+                entry
+                for entry in expiries
+                if (live := self._registry.get(entry[2])) is not None
+                and live._expires_at == entry[0]
+            ]
+            heapq.heapify(expiries)
+        heapq.heappush(expiries, (deadline, next(self._expiry_seq), session.session_id))
+        wakeup = self._expiry_wakeup
+        if wakeup is not None and deadline < wakeup.deadline:
+            wakeup.deadline = deadline
+
+    async def _run_expiry(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Close sessions whose identity's ``valid_until`` has passed, with 4005."""
+        task_status.started()
+        expiries = self._expiries
+        while True:
+            now = trio.current_time()
+            while expiries and expiries[0][0] <= now:
+                deadline, _, session_id = heapq.heappop(expiries)
+                session = self._registry.get(session_id)
+                if session is None or session._expires_at != deadline or session.closing:
+                    continue  # refreshed, or gone
+                logger.info(
+                    "session %s (user %s): credentials expired, closing with %d",
+                    session_id,
+                    session.user_id,
+                    CloseCode.AUTH_EXPIRED,
+                    extra=session.log_fields,
+                )
+                await self._close_session(
+                    session, CloseCode.AUTH_EXPIRED, "authentication expired", drain=True
+                )
+            with trio.CancelScope(deadline=expiries[0][0] if expiries else math.inf) as wakeup:
+                self._expiry_wakeup = wakeup
+                await trio.sleep_forever()
+            self._expiry_wakeup = None
 
     async def _run_actor(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -567,6 +653,7 @@ class HandlerManager:
             CloseCode.SLOW_CONSUMER,
             session._out_recv.statistics().current_buffer_used,
             session._queued_bytes,
+            extra=session.log_fields,
         )
         session._request_close(CloseCode.SLOW_CONSUMER, "slow consumer", drain=False)
         if in_actor:
@@ -587,6 +674,7 @@ class HandlerManager:
         if self._registry.get(session.session_id) is session:
             return
         self._apply(self._registry.register(session.session_id, session.user_id, session))
+        self._schedule_expiry(session)
         session._offer_nowait(
             encode_frame(hello_message(session.session_id, session.user_id, session.username))
         )
@@ -619,10 +707,20 @@ class HandlerManager:
                     counters.peak_connections = max(
                         counters.peak_connections, self._registry.session_count
                     )
-                    logger.info("session %s (user %s) registered", session_id, user_id)
+                    logger.info(
+                        "session %s (user %s) registered",
+                        session_id,
+                        user_id,
+                        extra={"session_id": session_id, "user_id": user_id},
+                    )
                 case SessionRemoved(session_id=session_id, user_id=user_id):
                     counters.sessions_closed += 1
-                    logger.info("session %s (user %s) unregistered", session_id, user_id)
+                    logger.info(
+                        "session %s (user %s) unregistered",
+                        session_id,
+                        user_id,
+                        extra={"session_id": session_id, "user_id": user_id},
+                    )
                 case UserJoined() | UserLeft():
                     pass  # a Redis backplane (un)subscribes the user's channel here
 
@@ -673,6 +771,7 @@ class HandlerManager:
                     session.session_id,
                     session.user_id,
                     CloseCode.SERVER_ERROR,
+                    extra=session.log_fields,
                 )
                 await session._close_after_failure()
         finally:
@@ -790,6 +889,7 @@ async def open_hub(
     async with trio.open_nursery() as services:
         await services.start(hub._run_actor)
         await services.start(hub._run_heartbeat)
+        await services.start(hub._run_expiry)
         await services.start(hub._backplane.serve, hub)
         async with trio.open_nursery() as connections:
             hub._connections = connections

@@ -110,6 +110,7 @@ class Session:
     _reader_blocked: bool = False
     _ping_in_flight: bool = False
     _started_at: float = attrs.Factory(trio.current_time)
+    _expires_at: float | None = None  # trio clock; set by the hub from identity.valid_until
     _ended: bool = False
 
     @classmethod
@@ -142,6 +143,11 @@ class Session:
 
     def __repr__(self) -> str:
         return f"<Session {self.session_id} user={self.user_id!r}>"
+
+    @property
+    def log_fields(self) -> dict[str, str]:
+        """``extra=`` for log records about this session (JSON logs show them as fields)."""
+        return {"session_id": self.session_id, "user_id": self.user_id}
 
     @property
     def user_id(self) -> str:
@@ -344,6 +350,7 @@ class Session:
                 self.session_id,
                 self.user_id,
                 timeout,
+                extra=self.log_fields,
             )
             await self._hub._close_session(self, CloseCode.NO_PONG, "no pong")
 

@@ -1,0 +1,397 @@
+"""The admin HTTP API, dashboard, health checks and metrics (Starlette on hypercorn's trio worker).
+
+Every ``/api/*`` endpoint needs ``Authorization: Bearer <admin.api_key>`` (in
+dev mode on loopback, with no key configured, none). Bodies are JSON,
+structured with cattrs at this edge; a bad body gets 400 naming the field.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import attrs
+import cattrs
+import orjson
+import trio
+from cattrs.preconf.orjson import make_converter
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import Route
+
+from ._close_codes import CloseCode
+from ._config import _field_first, _format_exception, _leaves
+from ._errors import HubClosedError
+from ._metrics import CONTENT_TYPE
+from ._openapi import openapi_document
+from ._session import Session
+
+if TYPE_CHECKING:
+    from ._gateway import Gateway
+
+__all__ = ["admin_app", "serve_admin"]
+
+logger = logging.getLogger("trio_gw.admin")
+
+_DEFAULT_PAGE = 100
+_MAX_PAGE = 1000
+# RFC 6455: a close frame's reason must fit in 123 bytes of UTF-8.
+_MAX_REASON_BYTES = 123
+
+
+class _BadRequest(Exception):
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+def _close_code(_instance: Any, _attribute: Any, value: int) -> None:
+    if not (value == CloseCode.NORMAL or 3000 <= value <= 4999):
+        raise _BadRequest(f"code: expected 1000 or 3000..4999, got {value!r}")
+
+
+def _close_reason(_instance: Any, _attribute: Any, value: str) -> None:
+    if len(value.encode()) > _MAX_REASON_BYTES:
+        raise _BadRequest(f"reason: expected at most {_MAX_REASON_BYTES} bytes of UTF-8")
+
+
+def _user_ids(_instance: Any, _attribute: Any, value: list[str]) -> None:
+    if not value or not all(value):
+        raise _BadRequest("user_ids: expected a non-empty list of non-empty strings")
+
+
+@attrs.frozen(kw_only=True)
+class SendToSession:
+    """Body of ``POST /api/send/session``."""
+
+    session_id: str
+    message: Any
+
+
+@attrs.frozen(kw_only=True)
+class SendToUsers:
+    """Body of ``POST /api/send/users``."""
+
+    user_ids: list[str] = attrs.field(validator=_user_ids)
+    message: Any
+
+
+@attrs.frozen(kw_only=True)
+class SendToAll:
+    """Body of ``POST /api/send/all``."""
+
+    message: Any
+
+
+@attrs.frozen(kw_only=True)
+class CloseSession:
+    """Body of ``POST /api/close/session``."""
+
+    session_id: str
+    code: int = attrs.field(default=CloseCode.NORMAL, validator=_close_code)
+    reason: str = attrs.field(default="closed by admin", validator=_close_reason)
+
+
+@attrs.frozen(kw_only=True)
+class CloseUsers:
+    """Body of ``POST /api/close/users``."""
+
+    user_ids: list[str] = attrs.field(validator=_user_ids)
+    code: int = attrs.field(default=CloseCode.NORMAL, validator=_close_code)
+    reason: str = attrs.field(default="closed by admin", validator=_close_reason)
+
+
+@attrs.frozen(kw_only=True)
+class CloseAll:
+    """Body of ``POST /api/close/all``."""
+
+    code: int = attrs.field(default=CloseCode.NORMAL, validator=_close_code)
+    reason: str = attrs.field(default="closed by admin", validator=_close_reason)
+
+
+def _strict_str(value: Any, _type: type) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _strict_int(value: Any, _type: type) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected an integer, got {type(value).__name__}")
+    return value
+
+
+def _strict_str_list(value: Any, _type: type) -> list[str]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of strings, got {type(value).__name__}")
+    return [_strict_str(item, str) for item in value]
+
+
+_converter = make_converter(forbid_extra_keys=True)
+_converter.register_structure_hook(str, _strict_str)
+_converter.register_structure_hook(int, _strict_int)
+_converter.register_structure_hook_func(lambda t: t == list[str], _strict_str_list)
+
+
+_T = TypeVar("_T")
+
+
+async def _body(request: Request, cls: type[_T]) -> _T:
+    raw = await request.body()
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise _BadRequest(f"body: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise _BadRequest("body: expected a JSON object")
+    try:
+        return _converter.structure(data, cls)
+    except _BadRequest:
+        raise
+    except cattrs.ClassValidationError as exc:
+        ours = [e for e in _leaves(exc) if isinstance(e, _BadRequest)]
+        if ours:
+            raise _BadRequest("; ".join(e.detail for e in ours)) from None
+        messages = cattrs.transform_error(exc, path="$", format_exception=_format_exception)
+        raise _BadRequest("; ".join(_field_first(m, root="$") for m in messages)) from None
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+def _error(status: int, error: str, detail: str) -> Response:
+    return _json({"error": error, "detail": detail}, status)
+
+
+def _page(request: Request) -> tuple[int, int]:
+    def number(name: str, default: int, low: int, high: int) -> int:
+        raw = request.query_params.get(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise _BadRequest(f"{name}: expected an integer, got {raw!r}") from None
+        if not low <= value <= high:
+            raise _BadRequest(f"{name}: expected {low}..{high}, got {value}")
+        return value
+
+    return number("offset", 0, 0, 1 << 62), number("limit", _DEFAULT_PAGE, 1, _MAX_PAGE)
+
+
+def _session_info(session: Session) -> dict[str, Any]:
+    remote = session.remote
+    return {
+        "session_id": session.session_id,
+        "user_id": session.user_id,
+        "username": session.username,
+        "remote": f"{remote[0]}:{remote[1]}" if remote else None,
+        "connected_at": session.connected_at,
+        "valid_until": session.identity.valid_until,
+    }
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def admin_app(gateway: Gateway) -> Starlette:
+    """Build the admin ASGI app for ``gateway`` (served by ``serve_admin``)."""
+    hub, metrics = gateway.hub, gateway.metrics
+    api_key = gateway.config.admin.api_key
+    expected = f"Bearer {api_key}".encode() if api_key is not None else None
+
+    def protected(endpoint: Endpoint) -> Endpoint:
+        async def guarded(request: Request) -> Response:
+            if expected is not None:
+                given = request.headers.get("authorization", "").encode()
+                if not hmac.compare_digest(given, expected):
+                    metrics.admin_refused.inc()
+                    logger.warning(
+                        "admin request %s %s from %s refused: missing or wrong API key",
+                        request.method,
+                        request.url.path,
+                        request.client.host if request.client else "?",
+                    )
+                    return _error(401, "unauthorized", "Authorization: Bearer <api key> required")
+            try:
+                return await endpoint(request)
+            except _BadRequest as exc:
+                return _error(400, "bad_request", exc.detail)
+            except HubClosedError:
+                return _error(503, "shutting_down", "the hub is shutting down")
+            except ValueError as exc:  # an encoded message larger than any queue
+                return _error(413, "too_large", str(exc))
+
+        return guarded
+
+    def unknown_session(session_id: str) -> Response:
+        return _error(404, "not_found", f"session_id: no session {session_id!r} on this hub")
+
+    async def send_session(request: Request) -> Response:
+        body = await _body(request, SendToSession)
+        if hub.get_handler(body.session_id) is None:
+            return unknown_session(body.session_id)
+        await hub.send_message(body.session_id, body.message)
+        return _json({"sessions": 1})
+
+    async def send_users(request: Request) -> Response:
+        body = await _body(request, SendToUsers)
+        count = sum(len(hub.user_sessions(u)) for u in set(body.user_ids))
+        await hub.send_message_to_user_ids(body.user_ids, body.message)
+        return _json({"sessions": count})
+
+    async def send_all(request: Request) -> Response:
+        body = await _body(request, SendToAll)
+        count = hub.statistics().connections
+        await hub.send_message_to_all(body.message)
+        return _json({"sessions": count})
+
+    async def close_session(request: Request) -> Response:
+        body = await _body(request, CloseSession)
+        if hub.get_handler(body.session_id) is None:
+            return unknown_session(body.session_id)
+        hub.close(body.session_id, code=body.code, reason=body.reason)
+        return _json({"sessions": 1})
+
+    async def close_users(request: Request) -> Response:
+        body = await _body(request, CloseUsers)
+        count = sum(len(hub.user_sessions(u)) for u in set(body.user_ids))
+        hub.close_user_ids(body.user_ids, code=body.code, reason=body.reason)
+        return _json({"sessions": count})
+
+    async def close_all(request: Request) -> Response:
+        body = await _body(request, CloseAll)
+        count = hub.statistics().connections
+        hub.close_all(code=body.code, reason=body.reason)
+        return _json({"sessions": count})
+
+    async def list_sessions(request: Request) -> Response:
+        offset, limit = _page(request)
+        ids = hub.session_ids()
+        items = []
+        for session_id in ids[offset : offset + limit]:
+            session = hub.get_handler(session_id)
+            if session is not None:
+                items.append(_session_info(session))
+        return _json({"total": len(ids), "offset": offset, "limit": limit, "items": items})
+
+    async def list_users(request: Request) -> Response:
+        offset, limit = _page(request)
+        ids = hub.user_ids()
+        items = [
+            {"user_id": user_id, "sessions": len(hub.user_sessions(user_id))}
+            for user_id in ids[offset : offset + limit]
+        ]
+        return _json({"total": len(ids), "offset": offset, "limit": limit, "items": items})
+
+    async def user_sessions(request: Request) -> Response:
+        user_id = request.path_params["user_id"]
+        items = [
+            _session_info(session)
+            for session_id in sorted(hub.user_sessions(user_id))
+            if (session := hub.get_handler(session_id)) is not None
+        ]
+        return _json({"user_id": user_id, "items": items})
+
+    async def statistics(_request: Request) -> Response:
+        s = hub.statistics()
+        forwarder = gateway._forwarder
+        return _json(
+            {
+                "time": time.time(),
+                "connections": s.connections,
+                "users": s.users,
+                "peak_connections": s.peak_connections,
+                "handshakes_in_progress": s.handshakes_in_progress,
+                "sessions_opened": s.sessions_opened,
+                "sessions_closed": s.sessions_closed,
+                "messages_in": s.messages_in,
+                "bytes_in": s.bytes_in,
+                "messages_out": s.messages_out,
+                "bytes_out": s.bytes_out,
+                "drops": s.drops,
+                "slow_consumer_closes": s.slow_consumer_closes,
+                "callback_errors": s.callback_errors,
+                "bad_messages": s.bad_messages,
+                "rejected_handshakes": dict(s.rejected_handshakes),
+                "closes_by_code": {str(k): v for k, v in s.closes_by_code.items()},
+                "backend_inflight": forwarder.inflight if forwarder else 0,
+                "backend_max_inflight": gateway.config.backend.max_inflight,
+            }
+        )
+
+    async def healthz(_request: Request) -> Response:
+        return _json({"status": "ok"})
+
+    async def readyz(_request: Request) -> Response:
+        if gateway.ready:
+            return _json({"status": "ready"})
+        return _json({"status": "not ready"}, 503)
+
+    async def prometheus(_request: Request) -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+
+    document = orjson.dumps(openapi_document())
+
+    async def openapi(_request: Request) -> Response:
+        return Response(document, media_type="application/json")
+
+    dashboard = resources.files("trio_gw").joinpath("_dashboard.html").read_text("utf-8")
+
+    async def index(_request: Request) -> Response:
+        return HTMLResponse(dashboard)
+
+    routes = [
+        Route("/", index, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", prometheus, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+        Route("/api/send/session", protected(send_session), methods=["POST"]),
+        Route("/api/send/users", protected(send_users), methods=["POST"]),
+        Route("/api/send/all", protected(send_all), methods=["POST"]),
+        Route("/api/close/session", protected(close_session), methods=["POST"]),
+        Route("/api/close/users", protected(close_users), methods=["POST"]),
+        Route("/api/close/all", protected(close_all), methods=["POST"]),
+        Route("/api/sessions", protected(list_sessions), methods=["GET"]),
+        Route("/api/users", protected(list_users), methods=["GET"]),
+        Route("/api/users/{user_id}/sessions", protected(user_sessions), methods=["GET"]),
+        Route("/api/statistics", protected(statistics), methods=["GET"]),
+    ]
+    # A message may be as large as a client's queue; the JSON around it is small.
+    max_body = gateway.config.hub.outbound_queue_bytes + 64 * 1024
+    return Starlette(routes=routes, max_body_size=max_body)
+
+
+async def serve_admin(
+    gateway: Gateway, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve ``admin_app(gateway)`` with hypercorn until cancelled; reports the bound port.
+
+    Raises:
+        OSError: the admin address cannot be bound.
+    """
+    admin = gateway.config.admin
+    config = HypercornConfig()
+    host = f"[{admin.host}]" if ":" in admin.host else admin.host  # an IPv6 literal
+    config.bind = [f"{host}:{admin.port}"]
+    config.accesslog = None
+    config.errorlog = logger
+    config.graceful_timeout = 1.0
+
+    async def run(*, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+        await hypercorn_serve(admin_app(gateway), config, task_status=task_status)  # type: ignore[arg-type]
+
+    async with trio.open_nursery() as nursery:
+        bound: list[str] = await nursery.start(run)
+        port = int(bound[0].rpartition(":")[2])
+        logger.info("admin API on http://%s:%d (dashboard at /)", admin.host, port)
+        task_status.started(port)

@@ -1,0 +1,292 @@
+"""The standalone gateway: a hub, JWT auth, backend forwarding and the admin API in one nursery."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import uuid
+from typing import Any, NoReturn
+
+import attrs
+import httpx
+import trio
+
+from ._admin import serve_admin
+from ._auth import Authorizer
+from ._close_codes import CloseCode
+from ._devmode import dev_authorizer
+from ._errors import AuthRefused, ConfigError, HubClosedError
+from ._forwarding import BackendForwarder, request_error
+from ._gateway_config import GatewayConfig
+from ._hub import HandlerManager, Reply, open_hub, serve_hub
+from ._jwt import JwtVerifier, jwt_authorizer
+from ._metrics import GatewayMetrics
+from ._session import Session
+from ._wire import Response, ResponsePayload, WireError, error_message, parse_request, unstructure
+
+__all__ = ["Gateway", "check_gateway_config", "serve_gateway"]
+
+logger = logging.getLogger("trio_gw")
+
+
+def _tls_context(config: GatewayConfig) -> ssl.SSLContext | None:
+    tls = config.tls
+    if not tls.enabled:
+        return None
+    assert tls.cert_file is not None and tls.key_file is not None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"tls.cert_file: cannot load {tls.cert_file!r} with key {tls.key_file!r}: {exc}"
+        ) from None
+    return context
+
+
+def check_gateway_config(config: GatewayConfig) -> None:
+    """Load everything ``config`` points at (keys, certificates) without serving.
+
+    Raises:
+        ConfigError: a file is missing or does not hold what it should.
+    """
+    if not config.auth.dev_mode:
+        JwtVerifier(config.auth)
+    _tls_context(config)
+
+
+@attrs.define(eq=False)
+class Gateway:
+    """A running standalone gateway, as ``serve_gateway`` reports it.
+
+    Attributes:
+        config: Its configuration.
+        hub: The hub it runs.
+        port: The bound WebSocket port.
+        admin_port: The bound admin HTTP port, or None if the admin API is off.
+        metrics: Its Prometheus metrics.
+    """
+
+    config: GatewayConfig
+    hub: HandlerManager
+    metrics: GatewayMetrics
+    _verifier: JwtVerifier | None
+    _forwarder: BackendForwarder | None
+    _calls: trio.Nursery
+    port: int = 0
+    admin_port: int | None = None
+    _ready: bool = False
+    _shutdown_requested: trio.Event = attrs.Factory(trio.Event)
+
+    @property
+    def ready(self) -> bool:
+        """True while the listener is bound and the gateway is not shutting down."""
+        return self._ready
+
+    def shutdown(self) -> None:
+        """Start a graceful shutdown; ``serve_gateway`` returns once it is done.
+
+        Readiness turns false at once, the listener closes, every client gets
+        1001 after its queue is drained (for at most ``hub.shutdown_timeout``),
+        and in-flight backend calls are then cancelled.
+        """
+        self._ready = False
+        self._shutdown_requested.set()
+
+    # --- the message callback -------------------------------------------------
+
+    async def on_message(self, reply: Reply, session: Session, message: Any) -> None:
+        """Route one decoded client message: a token refresh or a backend request."""
+        kind = message.get("type") if isinstance(message, dict) else None
+        if kind == "auth":
+            await self._refresh(reply, session, message)
+        elif kind == "request":
+            await self._request(reply, session, message)
+        else:
+            await reply(
+                session,
+                error_message(
+                    "WireError",
+                    'message: expected an object with "type": "request" or "auth"',
+                ),
+            )
+
+    async def _refresh(self, reply: Reply, session: Session, message: dict[str, Any]) -> None:
+        metrics = self.metrics
+        payload = message.get("payload")
+        token = payload.get("token") if isinstance(payload, dict) else None
+        if not isinstance(token, str) or not token:
+            metrics.auth_refreshes.labels("invalid").inc()
+            await reply(session, _auth_reply(False, error="payload.token: expected a string"))
+            return
+        if self._verifier is None:
+            metrics.auth_refreshes.labels("invalid").inc()
+            await reply(session, _auth_reply(False, error="dev mode: tokens are not checked"))
+            return
+        try:
+            identity = self._verifier.verify(token)
+        except AuthRefused as exc:
+            # The connection keeps its current deadline; the client may try again.
+            metrics.auth_refreshes.labels("invalid").inc()
+            logger.info(
+                "session %s: token refresh refused: %s",
+                session.session_id,
+                exc.reason,
+                extra=session.log_fields,
+            )
+            await reply(session, _auth_reply(False, error=exc.reason))
+            return
+        if identity.user_id != session.user_id:
+            metrics.auth_refreshes.labels("other_user").inc()
+            logger.warning(
+                "session %s: refresh with a token for user %r refused; closing",
+                session.session_id,
+                identity.user_id,
+                extra=session.log_fields,
+            )
+            await reply(session, _auth_reply(False, error="token is for a different user"))
+            self.hub.close(
+                session.session_id,
+                code=CloseCode.POLICY_VIOLATION,
+                reason="token for a different user",
+            )
+            return
+        self.hub.refresh_identity(session, identity)
+        metrics.auth_refreshes.labels("ok").inc()
+        await reply(
+            session,
+            _auth_reply(True, user_id=identity.user_id, valid_until=identity.valid_until),
+        )
+
+    async def _request(self, reply: Reply, session: Session, message: dict[str, Any]) -> None:
+        payload = message.get("payload")
+        given_trace = payload.get("trace_id") if isinstance(payload, dict) else None
+        trace_id = given_trace if isinstance(given_trace, str) and given_trace else None
+        try:
+            request = parse_request(message).payload
+        except WireError as exc:
+            await reply(session, _response(request_error(trace_id, "bad_request", str(exc))))
+            return
+        if trace_id is None:
+            request = attrs.evolve(request, trace_id=uuid.uuid4().hex)
+        forwarder = self._forwarder
+        if forwarder is None:
+            if self.config.auth.dev_mode:  # echo, as in the dev hub
+                await reply(
+                    session,
+                    _response(ResponsePayload(trace_id=request.trace_id, result=request.params)),
+                )
+            else:
+                await reply(
+                    session,
+                    _response(
+                        request_error(request.trace_id, "no_backend", "no backend is configured")
+                    ),
+                )
+            return
+        refusal = forwarder.try_reserve(session, request.trace_id)
+        if refusal is not None:
+            await reply(session, _response(refusal))
+            return
+        # The call runs beside the connection, so that a slow backend never
+        # holds up this client's next message (a token refresh, say).
+        self._calls.start_soon(self._forward, forwarder, session, request)
+
+    async def _forward(self, forwarder: BackendForwarder, session: Session, request: Any) -> None:
+        response = await forwarder.forward(session, request)
+        try:
+            await self.hub.to_handler_message(session, _response(response))
+        except HubClosedError:
+            logger.info(
+                "response %s not delivered: the hub is shutting down",
+                request.trace_id,
+                extra={**session.log_fields, "trace_id": request.trace_id},
+            )
+
+
+def _response(payload: ResponsePayload) -> Any:
+    return unstructure(Response(payload=payload))
+
+
+def _auth_reply(ok: bool, **fields: Any) -> dict[str, Any]:
+    return {"type": "auth", "payload": {"ok": ok, **fields}}
+
+
+async def serve_gateway(
+    config: GatewayConfig,
+    *,
+    task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the standalone gateway until ``Gateway.shutdown()`` is called.
+
+    Start it with ``gateway = await nursery.start(serve_gateway, config)``: it
+    reports the running ``Gateway`` (with its bound ports) once both listeners
+    accept connections.
+
+    Resource handling:
+        Everything runs in this task's nurseries: the hub with its
+        connections, the backend calls with their httpx client, and the admin
+        HTTP server. ``shutdown()`` stops them in order (listener, clients,
+        backend calls, admin API); cancelling this task stops them at once.
+
+    Raises:
+        ConfigError: a key or certificate file cannot be loaded.
+        OSError: a port cannot be bound.
+    """
+    verifier = None if config.auth.dev_mode else JwtVerifier(config.auth)
+    authorizer: Authorizer = dev_authorizer if verifier is None else jwt_authorizer(verifier)
+    ssl_context = _tls_context(config)
+    backend = config.backend
+    if config.auth.dev_mode:
+        logger.warning(
+            "DEV MODE: any bearer token (or ?token=) is accepted as the user id%s. "
+            "Not for production; bound to loopback only.",
+            "" if backend.url else ", and requests are echoed back",
+        )
+    limits = httpx.Limits(
+        max_connections=backend.max_inflight, max_keepalive_connections=backend.max_inflight
+    )
+    async with (
+        httpx.AsyncClient(timeout=backend.timeout, limits=limits) as client,
+        trio.open_nursery() as admin_nursery,
+        trio.open_nursery() as calls,
+    ):
+        gateway: Gateway | None = None
+
+        async def on_message(reply: Reply, session: Session, message: Any) -> None:
+            assert gateway is not None
+            await gateway.on_message(reply, session, message)
+
+        async with open_hub(
+            "trio-gw", "hub", on_message, config=config.hub, authorizer=authorizer
+        ) as hub:
+            metrics = GatewayMetrics(hub.statistics, backend.max_inflight)
+            forwarder = (
+                BackendForwarder(backend, client, metrics) if backend.url is not None else None
+            )
+            gateway = Gateway(config, hub, metrics, verifier, forwarder, calls)
+            if config.admin.enabled:
+                gateway.admin_port = await admin_nursery.start(serve_admin, gateway)
+            async with trio.open_nursery() as listener:
+                gateway.port = await listener.start(
+                    _serve_clients, hub, ssl_context, name="trio_gw listener"
+                )
+                gateway._ready = True
+                task_status.started(gateway)
+                await gateway._shutdown_requested.wait()
+                gateway._ready = False
+                logger.info("shutting down: no new connections; closing clients with 1001")
+                listener.cancel_scope.cancel()
+            # Leaving open_hub closes every session with 1001 after draining.
+        calls.cancel_scope.cancel()
+        admin_nursery.cancel_scope.cancel()
+    logger.info("shut down")
+
+
+async def _serve_clients(
+    hub: HandlerManager,
+    ssl_context: ssl.SSLContext | None,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    await serve_hub(hub, ssl_context=ssl_context, task_status=task_status)

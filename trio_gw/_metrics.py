@@ -1,0 +1,122 @@
+"""Prometheus metrics for the standalone gateway (prometheus-client).
+
+The hub's own counters are read from ``statistics()`` when Prometheus scrapes,
+so the hot path pays nothing for them; only the gateway's backend calls and
+admin refusals are recorded as they happen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ._statistics import HubStatistics
+
+__all__ = ["CONTENT_TYPE", "GatewayMetrics"]
+
+#: The text exposition format's media type.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Backend calls of a WebSocket gateway are usually 1 ms - 10 s.
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class _HubCollector(Collector):
+    """Turns one ``HubStatistics`` snapshot per scrape into metric families."""
+
+    def __init__(self, statistics: Callable[[], HubStatistics]) -> None:
+        self._statistics = statistics
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._statistics()
+        yield GaugeMetricFamily("trio_gw_connections", "Registered sessions now.", s.connections)
+        yield GaugeMetricFamily("trio_gw_users", "Users with at least one session now.", s.users)
+        yield GaugeMetricFamily(
+            "trio_gw_handshakes_in_progress",
+            "Connections holding a slot that are not registered yet.",
+            s.handshakes_in_progress,
+        )
+        for name, doc, value in (
+            ("sessions_opened", "Sessions registered.", s.sessions_opened),
+            ("sessions_closed", "Sessions unregistered.", s.sessions_closed),
+            ("messages_in", "Client messages received.", s.messages_in),
+            ("bytes_in", "Payload bytes of client messages received.", s.bytes_in),
+            ("messages_out", "Messages written to client sockets.", s.messages_out),
+            ("bytes_out", "Bytes written to client sockets, framing included.", s.bytes_out),
+            ("drops", "Messages not delivered (unknown/closing session, slow consumer).", s.drops),
+            (
+                "slow_consumer_closes",
+                "Connections closed because their outbound queue overflowed.",
+                s.slow_consumer_closes,
+            ),
+            ("callback_errors", "Message handler calls that raised.", s.callback_errors),
+            ("bad_messages", "Client messages that were not valid JSON.", s.bad_messages),
+        ):
+            yield CounterMetricFamily(f"trio_gw_{name}", doc, value)
+        rejected = CounterMetricFamily(
+            "trio_gw_rejected_handshakes",
+            "Handshakes refused before the upgrade.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(s.rejected_handshakes.items()):
+            rejected.add_metric([reason], count)
+        yield rejected
+        closes = CounterMetricFamily(
+            "trio_gw_closes", "Ended connections by close code.", labels=["code"]
+        )
+        for code, count in sorted(s.closes_by_code.items()):
+            closes.add_metric([str(code)], count)
+        yield closes
+
+
+class GatewayMetrics:
+    """The gateway's metrics, in a registry of its own (not prometheus-client's global one).
+
+    Args:
+        statistics: The hub's ``statistics`` method, called once per scrape.
+        backend_limit: ``backend.max_inflight``, exported so that the bound is visible.
+    """
+
+    def __init__(self, statistics: Callable[[], HubStatistics], backend_limit: int) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(_HubCollector(statistics))
+        self.backend_latency = Histogram(
+            "trio_gw_backend_call_seconds",
+            "Backend call latency, by outcome.",
+            ["outcome"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.backend_errors = Counter(
+            "trio_gw_backend_errors",
+            "Requests answered with an error instead of a backend result, by error code.",
+            ["code"],
+            registry=self.registry,
+        )
+        self.backend_inflight = Gauge(
+            "trio_gw_backend_inflight", "Backend calls in flight now.", registry=self.registry
+        )
+        limit = Gauge(
+            "trio_gw_backend_inflight_limit",
+            "The most backend calls allowed in flight at once (backend.max_inflight).",
+            registry=self.registry,
+        )
+        limit.set(backend_limit)
+        self.auth_refreshes = Counter(
+            "trio_gw_auth_refreshes",
+            "Token refreshes sent by clients, by outcome.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.admin_refused = Counter(
+            "trio_gw_admin_refused",
+            "Admin API requests refused for a missing or wrong API key.",
+            registry=self.registry,
+        )
+
+    def exposition(self) -> bytes:
+        """The metrics in Prometheus's text format."""
+        return generate_latest(self.registry)

@@ -1,0 +1,299 @@
+"""The admin API's OpenAPI 3.1 document, served at ``/openapi.json``.
+
+Written by hand, next to the endpoints in ``_admin.py``; the tests call every
+operation listed here and validate each response against its schema, and check
+that the app serves no ``/api`` route this document leaves out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["openapi_document"]
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json_content(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def _responses(ok: str, *errors: int) -> dict[str, Any]:
+    descriptions = {
+        400: "The body or a query parameter is invalid; `detail` names the field.",
+        401: "Missing or wrong API key.",
+        404: "No such session on this hub.",
+        413: "The message is larger than any client queue can hold.",
+        503: "The hub is shutting down.",
+    }
+    responses: dict[str, Any] = {
+        "200": {"description": "OK", "content": _json_content(_ref(ok))},
+        "401": {"description": descriptions[401], "content": _json_content(_ref("Error"))},
+    }
+    for status in errors:
+        responses[str(status)] = {
+            "description": descriptions[status],
+            "content": _json_content(_ref("Error")),
+        }
+    return responses
+
+
+def _post(summary: str, body: str, *errors: int) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "operationId": body[0].lower() + body[1:],
+            "requestBody": {"required": True, "content": _json_content(_ref(body))},
+            "responses": _responses("Count", 400, *errors, 503),
+        }
+    }
+
+
+_PAGING = [
+    {
+        "name": "offset",
+        "in": "query",
+        "schema": {"type": "integer", "minimum": 0, "default": 0},
+    },
+    {
+        "name": "limit",
+        "in": "query",
+        "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+    },
+]
+
+_CLOSE_FIELDS: dict[str, Any] = {
+    "code": {
+        "type": "integer",
+        "default": 1000,
+        "description": "1000, or an application code 3000..4999.",
+        "anyOf": [{"const": 1000}, {"minimum": 3000, "maximum": 4999}],
+    },
+    "reason": {"type": "string", "default": "closed by admin", "maxLength": 123},
+}
+
+_USER_IDS = {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1}
+_MESSAGE = {"description": "Any JSON value; a string is sent as it is, anything else as JSON."}
+
+
+def _schemas() -> dict[str, Any]:
+    nullable_number = {"type": ["number", "null"]}
+    return {
+        "Error": {
+            "type": "object",
+            "required": ["error", "detail"],
+            "properties": {"error": {"type": "string"}, "detail": {"type": "string"}},
+        },
+        "Count": {
+            "type": "object",
+            "required": ["sessions"],
+            "properties": {
+                "sessions": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "Sessions on this hub the command reached.",
+                }
+            },
+        },
+        "SendToSession": {
+            "type": "object",
+            "required": ["session_id", "message"],
+            "additionalProperties": False,
+            "properties": {"session_id": {"type": "string"}, "message": _MESSAGE},
+        },
+        "SendToUsers": {
+            "type": "object",
+            "required": ["user_ids", "message"],
+            "additionalProperties": False,
+            "properties": {"user_ids": _USER_IDS, "message": _MESSAGE},
+        },
+        "SendToAll": {
+            "type": "object",
+            "required": ["message"],
+            "additionalProperties": False,
+            "properties": {"message": _MESSAGE},
+        },
+        "CloseSession": {
+            "type": "object",
+            "required": ["session_id"],
+            "additionalProperties": False,
+            "properties": {"session_id": {"type": "string"}, **_CLOSE_FIELDS},
+        },
+        "CloseUsers": {
+            "type": "object",
+            "required": ["user_ids"],
+            "additionalProperties": False,
+            "properties": {"user_ids": _USER_IDS, **_CLOSE_FIELDS},
+        },
+        "CloseAll": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": dict(_CLOSE_FIELDS),
+        },
+        "SessionInfo": {
+            "type": "object",
+            "required": [
+                "session_id",
+                "user_id",
+                "username",
+                "remote",
+                "connected_at",
+                "valid_until",
+            ],
+            "properties": {
+                "session_id": {"type": "string"},
+                "user_id": {"type": "string"},
+                "username": {"type": "string"},
+                "remote": {"type": ["string", "null"], "description": "host:port of the peer"},
+                "connected_at": {"type": "number", "description": "Unix time"},
+                "valid_until": {
+                    **nullable_number,
+                    "description": "Unix time the credentials expire (null: never)",
+                },
+            },
+        },
+        "SessionPage": {
+            "type": "object",
+            "required": ["total", "offset", "limit", "items"],
+            "properties": {
+                "total": {"type": "integer"},
+                "offset": {"type": "integer"},
+                "limit": {"type": "integer"},
+                "items": {"type": "array", "items": _ref("SessionInfo")},
+            },
+        },
+        "UserPage": {
+            "type": "object",
+            "required": ["total", "offset", "limit", "items"],
+            "properties": {
+                "total": {"type": "integer"},
+                "offset": {"type": "integer"},
+                "limit": {"type": "integer"},
+                "items": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["user_id", "sessions"],
+                        "properties": {
+                            "user_id": {"type": "string"},
+                            "sessions": {"type": "integer", "minimum": 1},
+                        },
+                    },
+                },
+            },
+        },
+        "UserSessions": {
+            "type": "object",
+            "required": ["user_id", "items"],
+            "properties": {
+                "user_id": {"type": "string"},
+                "items": {"type": "array", "items": _ref("SessionInfo")},
+            },
+        },
+        "Statistics": {
+            "type": "object",
+            "required": [
+                "time",
+                "connections",
+                "users",
+                "messages_in",
+                "messages_out",
+                "drops",
+                "backend_inflight",
+                "backend_max_inflight",
+            ],
+            "properties": {
+                "time": {"type": "number"},
+                **{
+                    name: {"type": "integer", "minimum": 0}
+                    for name in (
+                        "connections",
+                        "users",
+                        "peak_connections",
+                        "handshakes_in_progress",
+                        "sessions_opened",
+                        "sessions_closed",
+                        "messages_in",
+                        "bytes_in",
+                        "messages_out",
+                        "bytes_out",
+                        "drops",
+                        "slow_consumer_closes",
+                        "callback_errors",
+                        "bad_messages",
+                        "backend_inflight",
+                        "backend_max_inflight",
+                    )
+                },
+                "rejected_handshakes": {
+                    "type": "object",
+                    "additionalProperties": {"type": "integer"},
+                },
+                "closes_by_code": {"type": "object", "additionalProperties": {"type": "integer"}},
+            },
+        },
+    }
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 description of every ``/api`` endpoint."""
+    get_page = {"parameters": _PAGING, "responses": _responses("SessionPage", 400)}
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "trio_gw admin API",
+            "version": "0.1.0",
+            "description": "Send to and close sessions, users or everyone, and inspect the hub. "
+            "Every operation needs `Authorization: Bearer <admin.api_key>`.",
+        },
+        "security": [{"apiKey": []}],
+        "paths": {
+            "/api/send/session": _post("Send a message to one session", "SendToSession", 404),
+            "/api/send/users": _post(
+                "Send a message to every session of some users", "SendToUsers"
+            ),
+            "/api/send/all": _post("Send a message to every session", "SendToAll"),
+            "/api/close/session": _post("Close one session", "CloseSession", 404),
+            "/api/close/users": _post("Close every session of some users", "CloseUsers"),
+            "/api/close/all": _post("Close every session", "CloseAll"),
+            "/api/sessions": {
+                "get": {"summary": "List sessions", "operationId": "listSessions", **get_page}
+            },
+            "/api/users": {
+                "get": {
+                    "summary": "List users with their session counts",
+                    "operationId": "listUsers",
+                    "parameters": _PAGING,
+                    "responses": _responses("UserPage", 400),
+                }
+            },
+            "/api/users/{user_id}/sessions": {
+                "get": {
+                    "summary": "One user's sessions",
+                    "operationId": "userSessions",
+                    "parameters": [
+                        {
+                            "name": "user_id",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": _responses("UserSessions"),
+                }
+            },
+            "/api/statistics": {
+                "get": {
+                    "summary": "Hub statistics",
+                    "operationId": "statistics",
+                    "responses": _responses("Statistics"),
+                }
+            },
+        },
+        "components": {
+            "schemas": _schemas(),
+            "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}},
+        },
+    }
