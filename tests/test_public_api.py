@@ -5,7 +5,15 @@ from __future__ import annotations
 import trio_gw
 
 EXPECTED = {
+    "AdminConfig",
+    "AuthConfig",
     "AuthRefused",
+    "BackendConfig",
+    "Gateway",
+    "GatewayConfig",
+    "LogConfig",
+    "TlsConfig",
+    "serve_gateway",
     "Authorizer",
     "CloseCode",
     "ConfigError",

@@ -18,6 +18,14 @@ from ._errors import ConfigError as ConfigError
 from ._errors import GatewayError as GatewayError
 from ._errors import HubClosedError as HubClosedError
 from ._errors import HubOverloadedError as HubOverloadedError
+from ._gateway import Gateway as Gateway
+from ._gateway import serve_gateway as serve_gateway
+from ._gateway_config import AdminConfig as AdminConfig
+from ._gateway_config import AuthConfig as AuthConfig
+from ._gateway_config import BackendConfig as BackendConfig
+from ._gateway_config import GatewayConfig as GatewayConfig
+from ._gateway_config import LogConfig as LogConfig
+from ._gateway_config import TlsConfig as TlsConfig
 from ._hub import HandlerManager as HandlerManager
 from ._hub import MessageCallback as MessageCallback
 from ._hub import Reply as Reply
@@ -29,10 +37,15 @@ from ._statistics import HubStatistics as HubStatistics
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdminConfig",
+    "AuthConfig",
     "AuthRefused",
     "Authorizer",
     "CloseCode",
+    "BackendConfig",
     "ConfigError",
+    "Gateway",
+    "GatewayConfig",
     "GatewayError",
     "HandlerManager",
     "Handshake",
@@ -41,14 +54,17 @@ __all__ = [
     "HubOverloadedError",
     "HubStatistics",
     "Identity",
+    "LogConfig",
     "MessageCallback",
     "Reply",
     "Session",
+    "TlsConfig",
     "TokenChecker",
     "bearer_token_authorizer",
     "dev_authorizer",
     "echo_backend",
     "extract_token",
     "open_hub",
+    "serve_gateway",
     "serve_hub",
 ]

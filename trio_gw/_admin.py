@@ -201,6 +201,20 @@ def _session_info(session: Session) -> dict[str, Any]:
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
+#: The API's operations; the tests check that the OpenAPI document lists exactly these.
+API_ROUTES = (
+    ("POST", "/api/send/session"),
+    ("POST", "/api/send/users"),
+    ("POST", "/api/send/all"),
+    ("POST", "/api/close/session"),
+    ("POST", "/api/close/users"),
+    ("POST", "/api/close/all"),
+    ("GET", "/api/sessions"),
+    ("GET", "/api/users"),
+    ("GET", "/api/users/{user_id}/sessions"),
+    ("GET", "/api/statistics"),
+)
+
 
 def admin_app(gateway: Gateway) -> Starlette:
     """Build the admin ASGI app for ``gateway`` (served by ``serve_admin``)."""
@@ -349,22 +363,25 @@ def admin_app(gateway: Gateway) -> Starlette:
     async def index(_request: Request) -> Response:
         return HTMLResponse(dashboard)
 
+    api: dict[str, Endpoint] = {
+        "/api/send/session": send_session,
+        "/api/send/users": send_users,
+        "/api/send/all": send_all,
+        "/api/close/session": close_session,
+        "/api/close/users": close_users,
+        "/api/close/all": close_all,
+        "/api/sessions": list_sessions,
+        "/api/users": list_users,
+        "/api/users/{user_id}/sessions": user_sessions,
+        "/api/statistics": statistics,
+    }
     routes = [
         Route("/", index, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
-        Route("/api/send/session", protected(send_session), methods=["POST"]),
-        Route("/api/send/users", protected(send_users), methods=["POST"]),
-        Route("/api/send/all", protected(send_all), methods=["POST"]),
-        Route("/api/close/session", protected(close_session), methods=["POST"]),
-        Route("/api/close/users", protected(close_users), methods=["POST"]),
-        Route("/api/close/all", protected(close_all), methods=["POST"]),
-        Route("/api/sessions", protected(list_sessions), methods=["GET"]),
-        Route("/api/users", protected(list_users), methods=["GET"]),
-        Route("/api/users/{user_id}/sessions", protected(user_sessions), methods=["GET"]),
-        Route("/api/statistics", protected(statistics), methods=["GET"]),
+        *(Route(path, protected(api[path]), methods=[method]) for method, path in API_ROUTES),
     ]
     # A message may be as large as a client's queue; the JSON around it is small.
     max_body = gateway.config.hub.outbound_queue_bytes + 64 * 1024

@@ -1,0 +1,263 @@
+"""JWT authentication of the real ``trio-gw serve`` process: handshakes, refresh, expiry."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import trio
+from trio_websocket import ConnectionClosed
+
+from trio_gw import ConfigError, GatewayConfig
+from trio_gw._jwt import JwtVerifier
+
+from ._gateway_support import (
+    API_KEY,
+    HS_SECRET,
+    gateway_process,
+    make_keys,
+    token,
+    unsigned_token,
+    write_config,
+)
+from .conftest import TIMEOUT, client, receive_json
+
+
+def _handshake_status(url: str, credential: str) -> tuple[int, str]:
+    # The websockets client, because trio-websocket 0.12.2's client leaks its
+    # socket when a handshake is refused.
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    try:
+        with connect(f"{url}/?token={credential}", open_timeout=5) as ws:
+            hello = orjson.loads(ws.recv(timeout=5))
+            assert hello["payload"]["topic"] == "hello"
+            return 101, hello["payload"]["event"]["user_id"]
+    except InvalidStatus as exc:
+        return exc.response.status_code, exc.response.body.decode() if exc.response.body else ""
+
+
+async def handshake_status(url: str, credential: str) -> tuple[int, str]:
+    """Connect with ``credential``; 101 and the user id if accepted, else the refusal."""
+    return await trio.to_thread.run_sync(_handshake_status, url, credential)
+
+
+def rs256_config(tmp_path: Path, keys: Any, **auth: Any) -> Path:
+    extra = "".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in auth.items())
+    return write_config(
+        tmp_path,
+        f"""
+[auth]
+jwt_algorithm = "RS256"
+jwt_public_key_file = "{keys.rsa_public_pem}"
+audience = "trio-gw-tests"
+issuer = "https://issuer.test"
+leeway = 0
+{extra}
+[admin]
+api_key = "{API_KEY}"
+""",
+    )
+
+
+async def test_rs256_handshakes_accept_only_valid_tokens(tmp_path: Path) -> None:
+    keys = make_keys(tmp_path)
+    config = rs256_config(tmp_path, keys)
+    claims = {"aud": "trio-gw-tests", "iss": "https://issuer.test"}
+    public_pem = keys.rsa_public_pem.read_bytes()
+    cases = {
+        "valid": (token(keys.rsa_private, name="Alice", **claims), 101, "alice"),
+        "expired": (token(keys.rsa_private, lifetime=-60, **claims), 401, "token expired"),
+        "wrong key": (token(keys.other_rsa_private, **claims), 401, "signature"),
+        "alg none": (unsigned_token(), 401, "algorithm not accepted"),
+        # Algorithm confusion: HS256 "signed" with the RSA public key as the secret.
+        "HS/RS confusion": (_hs256_with_secret(public_pem, claims), 401, "algorithm not accepted"),
+        "wrong audience": (
+            token(keys.rsa_private, aud="someone-else", iss="https://issuer.test"),
+            401,
+            "audience",
+        ),
+        "wrong issuer": (
+            token(keys.rsa_private, aud="trio-gw-tests", iss="https://evil.test"),
+            401,
+            "issuer",
+        ),
+        "no exp": (token(keys.rsa_private, exp=None, **claims), 401, "'exp'"),
+        "not a JWT": ("not-a-token", 401, "invalid token"),
+    }
+    with trio.fail_after(TIMEOUT):
+        async with gateway_process("--config", str(config)) as gateway:
+            results = {
+                name: await handshake_status(gateway.ws_url, credential)
+                for name, (credential, _, _) in cases.items()
+            }
+            async with gateway.admin() as admin:
+                stats = (await admin.get("/api/statistics")).json()
+    for name, (_, status, detail) in cases.items():
+        assert results[name][0] == status, (name, results[name])
+        assert detail in results[name][1], (name, results[name])
+    assert stats["rejected_handshakes"] == {"refused": len(cases) - 1}
+    assert stats["sessions_opened"] == 1
+
+
+def _hs256_with_secret(secret: bytes, claims: dict[str, Any]) -> str:
+    """pyjwt refuses to use a PEM key as an HMAC secret, so sign by hand."""
+    import base64
+    import hashlib
+    import hmac
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    header = b64(orjson.dumps({"alg": "HS256", "typ": "JWT"}))
+    body = b64(orjson.dumps({"sub": "mallory", "exp": int(time.time()) + 300, **claims}))
+    signature = hmac.new(secret, f"{header}.{body}".encode(), hashlib.sha256).digest()
+    return f"{header}.{body}.{b64(signature)}"
+
+
+@pytest.mark.parametrize("algorithm", ["HS256", "ES256-jwks", "RS256-jwks"])
+async def test_other_key_sources(tmp_path: Path, algorithm: str) -> None:
+    keys = make_keys(tmp_path)
+    if algorithm == "HS256":
+        auth = f'jwt_algorithm = "HS256"\njwt_secret = "{HS_SECRET}"'
+        good = token(HS_SECRET, "HS256", sub="bob")
+        bad = token(HS_SECRET + "x", "HS256", sub="bob")
+    elif algorithm == "ES256-jwks":
+        auth = f'jwt_algorithm = "ES256"\njwks_file = "{keys.jwks}"'
+        good = token(keys.ec_private, "ES256", sub="bob", headers={"kid": "ec-1"})
+        bad = token(keys.ec_private, "ES256", sub="bob", headers={"kid": "unknown"})
+    else:
+        auth = f'jwt_algorithm = "RS256"\njwks_file = "{keys.jwks}"'
+        good = token(keys.rsa_private, sub="bob", headers={"kid": "rsa-1"})
+        bad = token(keys.other_rsa_private, sub="bob", headers={"kid": "rsa-1"})
+    config = write_config(tmp_path, f'[auth]\n{auth}\n[admin]\napi_key = "{API_KEY}"\n')
+    with trio.fail_after(TIMEOUT):
+        async with gateway_process("--config", str(config)) as gateway:
+            assert await handshake_status(gateway.ws_url, good) == (101, "bob")
+            status, _ = await handshake_status(gateway.ws_url, bad)
+            assert status == 401
+
+
+async def refresh(ws: Any, credential: str) -> dict[str, Any]:
+    await ws.send_message(orjson.dumps({"type": "auth", "payload": {"token": credential}}).decode())
+    reply = await receive_json(ws)
+    assert reply["type"] == "auth", reply
+    payload: dict[str, Any] = reply["payload"]
+    return payload
+
+
+async def echo(ws: Any, trace_id: str) -> dict[str, Any]:
+    request = {"type": "request", "payload": {"service": "s", "method": "m", "trace_id": trace_id}}
+    await ws.send_message(orjson.dumps(request).decode())
+    reply: dict[str, Any] = await receive_json(ws)
+    return reply
+
+
+async def test_refresh_moves_the_deadline_and_expiry_closes_with_4005(tmp_path: Path) -> None:
+    keys = make_keys(tmp_path)
+    config = rs256_config(tmp_path, keys)
+    claims = {"aud": "trio-gw-tests", "iss": "https://issuer.test"}
+    with trio.fail_after(TIMEOUT):
+        async with gateway_process("--config", str(config)) as gateway:
+            short = token(keys.rsa_private, lifetime=2, **claims)
+            async with (
+                client(gateway.ws_url, short) as (refreshed, _),
+                client(gateway.ws_url, short) as (lapsing, _),
+            ):
+                # A refresh before exp moves the deadline...
+                fresh = token(keys.rsa_private, lifetime=120, **claims)
+                answer = await refresh(refreshed, fresh)
+                assert answer["ok"] is True and answer["user_id"] == "alice"
+                assert answer["valid_until"] > time.time() + 60
+                # ... a refresh with a bad token is refused but closes nothing ...
+                answer = await refresh(refreshed, token(keys.other_rsa_private, **claims))
+                assert answer == {"ok": False, "error": "token signature does not verify"}
+                # ... and the connection that did not refresh is closed with 4005.
+                with pytest.raises(ConnectionClosed) as closed:
+                    await lapsing.get_message()
+                assert closed.value.reason.code == 4005
+                # The refreshed one outlived its first token's deadline.
+                reply = await echo(refreshed, "after-expiry")
+                assert reply["payload"]["trace_id"] == "after-expiry"
+            async with gateway.admin() as admin:
+                stats = (await admin.get("/api/statistics")).json()
+                metrics = (await admin.get("/metrics")).text
+    assert stats["closes_by_code"].get("4005") == 1
+    assert 'trio_gw_auth_refreshes_total{outcome="ok"} 1.0' in metrics
+    assert 'trio_gw_auth_refreshes_total{outcome="invalid"} 1.0' in metrics
+
+
+async def test_refresh_after_expiry_is_too_late(tmp_path: Path) -> None:
+    keys = make_keys(tmp_path)
+    config = rs256_config(tmp_path, keys)
+    claims = {"aud": "trio-gw-tests", "iss": "https://issuer.test"}
+    with trio.fail_after(TIMEOUT):
+        async with gateway_process("--config", str(config)) as gateway:
+            async with client(gateway.ws_url, token(keys.rsa_private, lifetime=1, **claims)) as (
+                ws,
+                _,
+            ):
+                await trio.sleep_until(trio.current_time() + 2.5)  # past exp; not a measurement
+                fresh = token(keys.rsa_private, lifetime=120, **claims)
+                with pytest.raises(ConnectionClosed) as closed:
+                    await refresh(ws, fresh)
+                assert closed.value.reason.code == 4005
+
+
+async def test_refresh_for_another_user_closes_the_connection(tmp_path: Path) -> None:
+    keys = make_keys(tmp_path)
+    config = rs256_config(tmp_path, keys)
+    claims = {"aud": "trio-gw-tests", "iss": "https://issuer.test"}
+    with trio.fail_after(TIMEOUT):
+        async with gateway_process("--config", str(config)) as gateway:
+            async with client(gateway.ws_url, token(keys.rsa_private, **claims)) as (ws, _):
+                answer = await refresh(ws, token(keys.rsa_private, sub="mallory", **claims))
+                assert answer == {"ok": False, "error": "token is for a different user"}
+                with pytest.raises(ConnectionClosed) as closed:
+                    await ws.get_message()
+                assert closed.value.reason.code == 1008
+
+
+def test_verifier_refuses_bad_key_files(tmp_path: Path) -> None:
+    keys = make_keys(tmp_path)
+    missing = GatewayConfig.from_mapping(
+        {
+            "auth": {"jwt_algorithm": "RS256", "jwt_public_key_file": str(tmp_path / "nope.pem")},
+            "admin": {"enabled": False},
+        }
+    )
+    with pytest.raises(ConfigError, match=r"auth\.jwt_public_key_file: cannot read"):
+        JwtVerifier(missing.auth)
+    # An EC key where an RSA one is expected.
+    wrong = GatewayConfig.from_mapping(
+        {
+            "auth": {"jwt_algorithm": "RS256", "jwt_public_key_file": str(keys.ec_public_pem)},
+            "admin": {"enabled": False},
+        }
+    )
+    with pytest.raises(
+        ConfigError, match=r"auth\.jwt_public_key_file: .* is not a RS256 public key"
+    ):
+        JwtVerifier(wrong.auth)
+    no_hs_key = tmp_path / "only-ec.json"
+    no_hs_key.write_bytes(
+        orjson.dumps(
+            {
+                "keys": [
+                    k for k in orjson.loads(keys.jwks.read_bytes())["keys"] if k["kid"] == "ec-1"
+                ]
+            }
+        )
+    )
+    only_ec = GatewayConfig.from_mapping(
+        {
+            "auth": {"jwt_algorithm": "RS256", "jwks_file": str(no_hs_key)},
+            "admin": {"enabled": False},
+        }
+    )
+    with pytest.raises(ConfigError, match=r"auth\.jwks_file: .* holds no RS256 key"):
+        JwtVerifier(only_ec.auth)

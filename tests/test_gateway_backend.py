@@ -1,0 +1,186 @@
+"""Backend forwarding by the real ``trio-gw serve`` process, to a real HTTP backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+import trio
+
+from ._gateway_support import (
+    API_KEY,
+    HS_SECRET,
+    closed_port,
+    gateway_process,
+    http_backend,
+    token,
+    write_config,
+)
+from .conftest import TIMEOUT, client, receive_json
+
+
+def request(method: str, trace_id: str | None = None, params: Any = None) -> str:
+    payload: dict[str, Any] = {"service": "orders", "method": method, "params": params}
+    if trace_id is not None:
+        payload["trace_id"] = trace_id
+    return orjson.dumps({"type": "request", "payload": payload}).decode()
+
+
+def config_for(tmp_path: Path, backend_url: str, **backend: Any) -> Path:
+    backend = {"timeout": 1, **backend}
+    extra = "".join(f"{k} = {orjson.dumps(v).decode()}\n" for k, v in backend.items())
+    return write_config(
+        tmp_path,
+        f"""
+[auth]
+jwt_algorithm = "HS256"
+jwt_secret = "{HS_SECRET}"
+
+[backend]
+url = "{backend_url}"
+{extra}
+[admin]
+api_key = "{API_KEY}"
+""",
+    )
+
+
+async def test_requests_reach_the_backend_and_errors_come_back(tmp_path: Path) -> None:
+    credential = token(HS_SECRET, "HS256", sub="alice")
+    with trio.fail_after(TIMEOUT):
+        async with http_backend() as backend:
+            config = config_for(tmp_path, backend.url, forward_token=True)
+            async with (
+                gateway_process("--config", str(config)) as gateway,
+                client(gateway.ws_url, credential) as (ws, hello),
+            ):
+                await ws.send_message(request("lookup", "t-1", {"id": 7}))
+                ok = await receive_json(ws)
+                # No trace_id from the client: the hub assigns one and returns it.
+                await ws.send_message(request("lookup", None, [1]))
+                assigned = await receive_json(ws)
+                await ws.send_message(request("hang", "t-timeout"))
+                timeout = await receive_json(ws)
+                await ws.send_message(request("fail", "t-500"))
+                failed = await receive_json(ws)
+                await ws.send_message(request("text", "t-text"))
+                not_json = await receive_json(ws)
+                await ws.send_message('{"type": "request", "payload": {"trace_id": "t-bad"}}')
+                malformed = await receive_json(ws)
+                async with gateway.admin() as admin:
+                    metrics = (await admin.get("/metrics")).text
+            log = gateway.log_records()
+
+    assert ok == {
+        "type": "response",
+        "payload": {
+            "trace_id": "t-1",
+            "result": {
+                "params": {"id": 7},
+                "trace_id": "t-1",
+                "user_id": "alice",
+                "session_id": hello["session_id"],
+                "header_trace_id": "t-1",
+                "authorization": f"Bearer {credential}",
+            },
+            "error": None,
+        },
+    }
+    generated = assigned["payload"]["trace_id"]
+    assert generated and assigned["payload"]["result"]["trace_id"] == generated
+    assert assigned["payload"]["result"]["header_trace_id"] == generated
+
+    def error(response: dict[str, Any], trace_id: str) -> dict[str, Any]:
+        assert response["type"] == "response"
+        assert response["payload"]["trace_id"] == trace_id
+        assert response["payload"]["result"] is None
+        result: dict[str, Any] = response["payload"]["error"]
+        return result
+
+    assert error(timeout, "t-timeout")["code"] == "backend_timeout"
+    assert "within 1s" in error(timeout, "t-timeout")["message"]
+    assert error(failed, "t-500") == {
+        "code": "backend_status",
+        "message": "the backend answered HTTP 500",
+        "status": 500,
+        "detail": {"reason": "database down"},
+    }
+    assert error(not_json, "t-text")["code"] == "backend_bad_reply"
+    assert "text/plain" in error(not_json, "t-text")["message"]
+    bad = error(malformed, "t-bad")
+    assert bad["code"] == "bad_request"
+    assert "payload.service" in bad["message"] and "payload.method" in bad["message"]
+
+    assert 'trio_gw_backend_errors_total{code="backend_timeout"} 1.0' in metrics
+    assert 'trio_gw_backend_errors_total{code="backend_status"} 1.0' in metrics
+    assert 'trio_gw_backend_errors_total{code="backend_bad_reply"} 1.0' in metrics
+    assert 'trio_gw_backend_call_seconds_count{outcome="ok"} 2.0' in metrics
+    assert "trio_gw_backend_inflight_limit 256.0" in metrics
+    # Request log lines carry the trace id, next to the session and user.
+    answered = [r for r in log if r["message"].startswith("request orders.lookup answered")]
+    assert {r["trace_id"] for r in answered} == {"t-1", generated}
+    assert all(r["user_id"] == "alice" and r["session_id"] == hello["session_id"] for r in answered)
+
+
+async def test_slow_backend_blocks_nobody_and_inflight_is_bounded(tmp_path: Path) -> None:
+    credential = token(HS_SECRET, "HS256", sub="alice")
+    with trio.fail_after(TIMEOUT):
+        async with http_backend() as backend:
+            config = config_for(
+                tmp_path, backend.url, timeout=30, max_inflight=3, max_inflight_per_session=2
+            )
+            async with (
+                gateway_process("--config", str(config)) as gateway,
+                client(gateway.ws_url, credential) as (slow, _),
+                client(gateway.ws_url, credential) as (other, _),
+                client(gateway.ws_url, credential) as (third, _),
+            ):
+                # Two calls hang on this connection: its per-connection bound.
+                await slow.send_message(request("hang", "h-1"))
+                await slow.send_message(request("hang", "h-2"))
+                await slow.send_message(request("lookup", "over-session-bound"))
+                refused = await receive_json(slow)
+                # Another connection is not held up by them.
+                await other.send_message(request("lookup", "o-1"))
+                answered = await receive_json(other)
+                # One more hanging call fills the gateway-wide bound of 3...
+                await other.send_message(request("hang", "o-2"))
+                while len(backend.calls) < 3:
+                    await trio.sleep(0.01)
+                async with gateway.admin() as admin:
+                    busy_stats = (await admin.get("/api/statistics")).json()
+                    # ... so a third connection is refused at once, not queued.
+                    await third.send_message(request("lookup", "over-global-bound"))
+                    busy = await receive_json(third)
+                    backend.release.set()
+                    released = {(await receive_json(slow))["payload"]["trace_id"] for _ in range(2)}
+                    assert (await receive_json(other))["payload"]["trace_id"] == "o-2"
+                    metrics = (await admin.get("/metrics")).text
+
+    assert refused["payload"]["trace_id"] == "over-session-bound"
+    assert refused["payload"]["error"]["code"] == "too_many_requests"
+    assert answered["payload"]["trace_id"] == "o-1" and answered["payload"]["error"] is None
+    assert busy_stats["backend_inflight"] == 3 and busy_stats["backend_max_inflight"] == 3
+    assert busy["payload"]["error"]["code"] == "backend_busy"
+    assert released == {"h-1", "h-2"}
+    assert "trio_gw_backend_inflight 0.0" in metrics
+    assert 'trio_gw_backend_errors_total{code="backend_busy"} 1.0' in metrics
+    assert 'trio_gw_backend_errors_total{code="too_many_requests"} 1.0' in metrics
+
+
+async def test_refused_backend_connection_is_an_error_response(tmp_path: Path) -> None:
+    config = config_for(tmp_path, f"http://127.0.0.1:{closed_port()}/rpc")
+    with trio.fail_after(TIMEOUT):
+        async with (
+            gateway_process("--config", str(config)) as gateway,
+            client(gateway.ws_url, token(HS_SECRET, "HS256")) as (ws, _),
+        ):
+            await ws.send_message(request("lookup", "t-refused"))
+            response = await receive_json(ws)
+            # The connection is still usable afterwards.
+            await ws.send_message(request("lookup", "t-again"))
+            again = await receive_json(ws)
+    assert response["payload"]["trace_id"] == "t-refused"
+    assert response["payload"]["error"]["code"] == "backend_unreachable"
+    assert again["payload"]["trace_id"] == "t-again"
