@@ -201,15 +201,16 @@ async def test_health_readiness_and_metrics(tmp_path: Path) -> None:
                 assert "trio_gw_connections 1.0" in metrics.text
                 assert "trio_gw_users 1.0" in metrics.text
             # A refused handshake shows up by reason.
-            refused = await httpx.AsyncClient().get(
-                gateway.ws_url.replace("ws://", "http://") + "/?token=bad",
-                headers={
-                    "connection": "Upgrade",
-                    "upgrade": "websocket",
-                    "sec-websocket-version": "13",
-                    "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
-                },
-            )
+            async with httpx.AsyncClient() as plain:
+                refused = await plain.get(
+                    gateway.ws_url.replace("ws://", "http://") + "/?token=bad",
+                    headers={
+                        "connection": "Upgrade",
+                        "upgrade": "websocket",
+                        "sec-websocket-version": "13",
+                        "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
+                    },
+                )
             assert refused.status_code == 401
             text = (await anonymous.get("/metrics")).text
     for line in (
