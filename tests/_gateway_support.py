@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +30,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, Request as WsRequest
+from wsproto.events import AcceptConnection
+from wsproto.events import Request as WsRequest
 
 TRIO_GW = str(Path(sys.executable).with_name("trio-gw"))
 HS_SECRET = "a-test-secret-that-is-long-enough-for-hs256!"
 API_KEY = "test-admin-key"
 
 _READY = re.compile(
-    r"ready: (wss?)://127\.0\.0\.1:(\d+)/[^;\s]*(?:; admin API and dashboard on http://127\.0\.0\.1:(\d+)/)?"
+    r"ready: (wss?)://127\.0\.0\.1:(\d+)/[^;]*(?:; admin API and dashboard on http://127\.0\.0\.1:(\d+)/)?"
 )
 
 
@@ -102,7 +104,8 @@ def unsigned_token(sub: str = "alice") -> str:
     def part(data: dict[str, Any]) -> str:
         return base64.urlsafe_b64encode(orjson.dumps(data)).rstrip(b"=").decode()
 
-    return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part({'sub': sub, 'exp': int(time.time()) + 300})}."
+    header = part({"alg": "none", "typ": "JWT"})
+    return f"{header}.{part({'sub': sub, 'exp': int(time.time()) + 300})}."
 
 
 # --- the trio-gw process ----------------------------------------------------------
@@ -143,12 +146,12 @@ async def gateway_process(
     command = [TRIO_GW, "serve", "--port", "0", "--admin-port", "0", "--log-format", "json", *args]
     async with trio.open_nursery() as nursery:
         process: trio.Process = await nursery.start(
-            lambda task_status: trio.run_process(
+            partial(
+                trio.run_process,
                 command,
                 stderr=subprocess.PIPE,
                 env={**os.environ, **(env or {})},
                 check=False,
-                task_status=task_status,
             )
         )
         log: list[str] = []

@@ -1,4 +1,4 @@
-"""The admin HTTP API of the real ``trio-gw serve`` process, checked against its OpenAPI document."""
+"""The admin HTTP API of the real ``trio-gw serve`` process, checked against its OpenAPI doc."""
 
 from __future__ import annotations
 

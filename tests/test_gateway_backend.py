@@ -17,7 +17,7 @@ from ._gateway_support import (
     token,
     write_config,
 )
-from .conftest import TIMEOUT, client, receive_json
+from .conftest import TIMEOUT, client, receive_json, wait_for
 
 
 def request(method: str, trace_id: str | None = None, params: Any = None) -> str:
@@ -146,8 +146,7 @@ async def test_slow_backend_blocks_nobody_and_inflight_is_bounded(tmp_path: Path
                 answered = await receive_json(other)
                 # One more hanging call fills the gateway-wide bound of 3...
                 await other.send_message(request("hang", "o-2"))
-                while len(backend.calls) < 3:
-                    await trio.sleep(0.01)
+                await wait_for(lambda: len(backend.calls) >= 3)
                 async with gateway.admin() as admin:
                     busy_stats = (await admin.get("/api/statistics")).json()
                     # ... so a third connection is refused at once, not queued.

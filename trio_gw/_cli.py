@@ -69,46 +69,50 @@ def load_config(
     Raises:
         ConfigError: a value is bad; the message names the field.
     """
-    config = GatewayConfig.from_toml(args.config) if args.config else GatewayConfig()
-    config = GatewayConfig.from_env(os.environ if environ is None else environ, base=config)
-    changes: dict[str, dict[str, Any]] = {}
+    overrides: dict[str, dict[str, Any]] = {}
     for flag, (section, field) in _FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
-            changes.setdefault(section, {})[field] = value
-    return config.evolve(**changes) if changes else config
+            overrides.setdefault(section, {})[field] = value
+    return GatewayConfig.load(args.config, environ, overrides)
 
 
 async def _serve(config: GatewayConfig) -> None:
-    async with trio.open_nursery() as nursery:
+    # Signals are caught from before start-up, so that one arriving as soon as
+    # "ready" is logged still shuts down gracefully.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
 
-        async def run_gateway(*, task_status: trio.TaskStatus[Gateway]) -> None:
-            await serve_gateway(config, task_status=task_status)
-            nursery.cancel_scope.cancel()  # shut down: stop waiting for signals too
+            async def run_gateway(*, task_status: trio.TaskStatus[Gateway]) -> None:
+                await serve_gateway(config, task_status=task_status)
+                nursery.cancel_scope.cancel()  # shut down: stop waiting for signals too
 
-        gateway: Gateway = await nursery.start(run_gateway)
-        scheme = "wss" if config.tls.enabled else "ws"
-        hint = "?token=<user id>" if config.auth.dev_mode else ""
-        admin = (
-            f"; admin API and dashboard on http://{config.admin.host}:{gateway.admin_port}/"
-            if gateway.admin_port is not None
-            else ""
-        )
-        logger.info("ready: %s://%s:%d/%s%s", scheme, config.hub.host, gateway.port, hint, admin)
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            gateway: Gateway = await nursery.start(run_gateway)
+            _log_ready(config, gateway)
             async for signum in signals:
                 name = signal.Signals(signum).name
                 if gateway.ready:
                     logger.info(
-                        "%s received: shutting down (at most %gs; a second signal exits at once)",
+                        "%s received: shutting down within %gs (a second signal exits at once)",
                         name,
-                        config.hub.shutdown_timeout + config.hub.close_timeout,
+                        config.hub.shutdown_timeout,
                     )
                     gateway.shutdown()
                 else:
                     logger.warning("%s received again: exiting at once", name)
                     logging.shutdown()
                     os._exit(128 + signum)
+
+
+def _log_ready(config: GatewayConfig, gateway: Gateway) -> None:
+    scheme = "wss" if config.tls.enabled else "ws"
+    hint = "?token=<user id>" if config.auth.dev_mode else ""
+    admin = (
+        f"; admin API and dashboard on http://{config.admin.host}:{gateway.admin_port}/"
+        if gateway.admin_port is not None
+        else ""
+    )
+    logger.info("ready: %s://%s:%d/%s%s", scheme, config.hub.host, gateway.port, hint, admin)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -189,7 +189,9 @@ class HubConfig:
             ConfigError: a variable has a bad value; the message names it.
         """
         environ = os.environ if environ is None else environ
-        return _structure(_env_over(cls, base or cls(), environ, _ENV_PREFIX), cls)
+        data = _converter.unstructure(base or cls())
+        data.update(_env_values(cls, environ, _ENV_PREFIX))
+        return _structure(data, cls)
 
     def evolve(self, **changes: Any) -> HubConfig:
         """Return a copy with ``changes`` applied and validated."""
@@ -221,18 +223,22 @@ def _structure(data: Mapping[str, Any], cls: type[_T]) -> _T:
         ) from None
 
 
-def _env_over(cls: type[Any], base: Any, environ: Mapping[str, str], prefix: str) -> dict[str, Any]:
-    """``base`` as plain data, with ``<prefix><FIELD>`` variables laid over it."""
-    data: dict[str, Any] = _converter.unstructure(base)
+def _env_values(cls: type[Any], environ: Mapping[str, str], prefix: str) -> dict[str, Any]:
+    """The ``<prefix><FIELD>`` variables that are set for ``cls``'s fields, as raw values.
+
+    Lists are comma-separated; everything else is left as a string for the
+    converter, which parses numbers and booleans.
+    """
+    values: dict[str, Any] = {}
     for field in attrs.fields(cls):
         raw = environ.get(prefix + field.name.upper())
         if raw is None:
             continue
         if field.type in ("tuple[str, ...]", tuple[str, ...]):
-            data[field.name] = [item.strip() for item in raw.split(",") if item.strip()]
+            values[field.name] = [item.strip() for item in raw.split(",") if item.strip()]
         else:
-            data[field.name] = raw
-    return data
+            values[field.name] = raw
+    return values
 
 
 def _format_exception(exc: BaseException, _type: Any) -> str:

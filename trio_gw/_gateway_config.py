@@ -21,7 +21,8 @@ from ._config import (
     _ENV_PREFIX,
     HubConfig,
     _check,
-    _env_over,
+    _converter,
+    _env_values,
     _non_negative_number,
     _port,
     _positive_int,
@@ -307,20 +308,40 @@ class GatewayConfig:
         return cls(**sections)
 
     @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str] | None = None,
+        environ: Mapping[str, str] | None = None,
+        overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> GatewayConfig:
+        """Layer a TOML file, ``TRIO_GW_*`` variables and overrides (flags), then validate once.
+
+        Precedence: ``overrides`` > ``environ`` > the file > defaults. The layers
+        are merged before validation, so that a rule spanning fields (HS256
+        needs a secret) may be met by a secret that only the environment holds.
+
+        Raises:
+            ConfigError: the file cannot be read, or a value is bad; the message
+                names the field.
+        """
+        data = _read_toml(path) if path is not None else {}
+        layers = [_env_tables(os.environ if environ is None else environ), overrides or {}]
+        for layer in layers:
+            for section, fields in layer.items():
+                table = data.setdefault(section, {})
+                if not isinstance(table, dict):
+                    raise ConfigError(f"{section}: expected a table, got {table!r}")
+                table.update(fields)
+        return cls.from_mapping(data)
+
+    @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> GatewayConfig:
         """Read a TOML file with one table per section (``[hub]``, ``[auth]``, ...).
 
         Raises:
             ConfigError: the file is missing, is not TOML, or holds a bad value.
         """
-        try:
-            with Path(path).open("rb") as f:
-                data = tomllib.load(f)
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {os.fspath(path)!r}: {exc}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {os.fspath(path)!r} is not valid TOML: {exc}") from None
-        return cls.from_mapping(data)
+        return cls.from_mapping(_read_toml(path))
 
     @classmethod
     def from_env(
@@ -335,16 +356,9 @@ class GatewayConfig:
             ConfigError: a variable has a bad value; the message names the field.
         """
         environ = os.environ if environ is None else environ
-        base = base or cls()
-        data = {
-            name: _env_over(
-                section_cls,
-                getattr(base, name),
-                environ,
-                _ENV_PREFIX if name == "hub" else f"{_ENV_PREFIX}{name.upper()}_",
-            )
-            for name, section_cls in _SECTIONS.items()
-        }
+        data = _converter.unstructure(base or cls())
+        for section, fields in _env_tables(environ).items():
+            data[section].update(fields)
         return cls.from_mapping(data)
 
     def evolve(self, **changes: Mapping[str, Any]) -> GatewayConfig:
@@ -364,6 +378,27 @@ class GatewayConfig:
             except ConfigError as exc:
                 raise ConfigError(_in_section(name, str(exc))) from None
         return attrs.evolve(self, **sections)
+
+
+def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        with Path(path).open("rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {os.fspath(path)!r}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {os.fspath(path)!r} is not valid TOML: {exc}") from None
+
+
+def _env_tables(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """The ``TRIO_GW_*`` variables that are set, as ``{section: {field: raw value}}``."""
+    tables: dict[str, dict[str, Any]] = {}
+    for name, section_cls in _SECTIONS.items():
+        prefix = _ENV_PREFIX if name == "hub" else f"{_ENV_PREFIX}{name.upper()}_"
+        values = _env_values(section_cls, environ, prefix)
+        if values:
+            tables[name] = values
+    return tables
 
 
 def _in_section(section: str, message: str) -> str:
