@@ -1,4 +1,4 @@
-"""The admin dashboard in a real headless Chromium (Debian's chromium + chromedriver, via selenium)."""
+"""The admin dashboard in a real headless Chromium (Debian's chromium, driven by selenium)."""
 
 from __future__ import annotations
 

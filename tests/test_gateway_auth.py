@@ -26,14 +26,20 @@ from ._gateway_support import (
 from .conftest import TIMEOUT, client, receive_json
 
 
-def _handshake_status(url: str, credential: str) -> tuple[int, str]:
+def _handshake_status(url: str, credential: str, via: str = "query") -> tuple[int, str]:
     # The websockets client, because trio-websocket 0.12.2's client leaks its
     # socket when a handshake is refused.
     from websockets.exceptions import InvalidStatus
     from websockets.sync.client import connect
 
+    headers = {
+        "query": {},
+        "header": {"Authorization": f"Bearer {credential}"},
+        "cookie": {"Cookie": f"Authorization=Bearer {credential}"},
+    }[via]
+    target = f"{url}/?token={credential}" if via == "query" else f"{url}/"
     try:
-        with connect(f"{url}/?token={credential}", open_timeout=5) as ws:
+        with connect(target, open_timeout=5, additional_headers=headers) as ws:
             hello = orjson.loads(ws.recv(timeout=5))
             assert hello["payload"]["topic"] == "hello"
             return 101, hello["payload"]["event"]["user_id"]
@@ -41,9 +47,9 @@ def _handshake_status(url: str, credential: str) -> tuple[int, str]:
         return exc.response.status_code, exc.response.body.decode() if exc.response.body else ""
 
 
-async def handshake_status(url: str, credential: str) -> tuple[int, str]:
+async def handshake_status(url: str, credential: str, via: str = "query") -> tuple[int, str]:
     """Connect with ``credential``; 101 and the user id if accepted, else the refusal."""
-    return await trio.to_thread.run_sync(_handshake_status, url, credential)
+    return await trio.to_thread.run_sync(_handshake_status, url, credential, via)
 
 
 def rs256_config(tmp_path: Path, keys: Any, **auth: Any) -> Path:
@@ -137,9 +143,10 @@ async def test_other_key_sources(tmp_path: Path, algorithm: str) -> None:
     config = write_config(tmp_path, f'[auth]\n{auth}\n[admin]\napi_key = "{API_KEY}"\n')
     with trio.fail_after(TIMEOUT):
         async with gateway_process("--config", str(config)) as gateway:
-            assert await handshake_status(gateway.ws_url, good) == (101, "bob")
-            status, _ = await handshake_status(gateway.ws_url, bad)
-            assert status == 401
+            for via in ("query", "header", "cookie"):
+                assert await handshake_status(gateway.ws_url, good, via) == (101, "bob")
+                status, _ = await handshake_status(gateway.ws_url, bad, via)
+                assert status == 401
 
 
 async def refresh(ws: Any, credential: str) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from starlette.routing import Route
 
 from ._close_codes import CloseCode
 from ._config import _field_first, _format_exception, _leaves
-from ._errors import HubClosedError
+from ._errors import HubClosedError, HubOverloadedError
 from ._metrics import CONTENT_TYPE
 from ._openapi import openapi_document
 from ._session import Session
@@ -241,6 +241,8 @@ def admin_app(gateway: Gateway) -> Starlette:
                 return _error(400, "bad_request", exc.detail)
             except HubClosedError:
                 return _error(503, "shutting_down", "the hub is shutting down")
+            except HubOverloadedError as exc:
+                return _error(503, "overloaded", str(exc))
             except ValueError as exc:  # an encoded message larger than any queue
                 return _error(413, "too_large", str(exc))
 

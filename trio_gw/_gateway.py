@@ -22,7 +22,15 @@ from ._hub import HandlerManager, Reply, open_hub, serve_hub
 from ._jwt import JwtVerifier, jwt_authorizer
 from ._metrics import GatewayMetrics
 from ._session import Session
-from ._wire import Response, ResponsePayload, WireError, error_message, parse_request, unstructure
+from ._wire import (
+    RequestPayload,
+    Response,
+    ResponsePayload,
+    WireError,
+    error_message,
+    parse_request,
+    unstructure,
+)
 
 __all__ = ["Gateway", "check_gateway_config", "serve_gateway"]
 
@@ -192,8 +200,23 @@ class Gateway:
         # holds up this client's next message (a token refresh, say).
         self._calls.start_soon(self._forward, forwarder, session, request)
 
-    async def _forward(self, forwarder: BackendForwarder, session: Session, request: Any) -> None:
-        response = await forwarder.forward(session, request)
+    async def _forward(
+        self, forwarder: BackendForwarder, session: Session, request: RequestPayload
+    ) -> None:
+        try:
+            response = await forwarder.forward(session, request)
+        except Exception:
+            # A bug, but it must cost one answer, not the gateway: this task
+            # runs in the gateway's nursery, beside every connection.
+            logger.exception(
+                "request %s.%s: forwarding failed",
+                request.service,
+                request.method,
+                extra={**session.log_fields, "trace_id": request.trace_id},
+            )
+            response = request_error(
+                request.trace_id, "backend_error", "forwarding failed; the gateway logged why"
+            )
         try:
             await self.hub.to_handler_message(session, _response(response))
         except HubClosedError:

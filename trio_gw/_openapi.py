@@ -26,7 +26,7 @@ def _responses(ok: str, *errors: int) -> dict[str, Any]:
         401: "Missing or wrong API key.",
         404: "No such session on this hub.",
         413: "The message is larger than any client queue can hold.",
-        503: "The hub is shutting down.",
+        503: "The hub is shutting down, or its command queue is full (retry later).",
     }
     responses: dict[str, Any] = {
         "200": {"description": "OK", "content": _json_content(_ref(ok))},
