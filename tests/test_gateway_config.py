@@ -1,0 +1,87 @@
+"""The gateway's config tree: sections, layers and cross-section rules (no sockets)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trio_gw import ConfigError, GatewayConfig
+
+SECRET = "s" * 32
+
+
+def test_errors_name_the_section_and_field() -> None:
+    for data, expected in (
+        ({"hub": {"port": "x"}}, "hub.port: expected an integer, got 'x'"),
+        ({"auth": {"leeway": -1}}, "auth.leeway: expected a number >= 0 (seconds), got -1"),
+        ({"auth": {"nope": 1}}, "auth: unknown field(s): nope"),
+        ({"admin": {"port": 70000}}, "admin.port: expected an integer 0..65535, got 70000"),
+        ({"logs": {}}, "unknown section(s): logs"),
+        ({"backend": []}, "backend: expected a table"),
+        ({"tls": {"cert_file": "c.pem"}}, "tls.cert_file: cert_file and key_file go together"),
+        (
+            {"auth": {"jwt_algorithm": "HS256", "jwt_secret": "short"}},
+            "auth.jwt_secret: expected at least 32 bytes for HS256, got 5",
+        ),
+        (
+            {"auth": {"jwt_algorithm": "RS256", "jwt_secret": SECRET}},
+            "auth.jwt_public_key_file: RS256 needs exactly one of",
+        ),
+        ({"auth": {"jwks_file": "k.json"}}, "auth.jwt_algorithm: required when jwks_file is set"),
+    ):
+        with pytest.raises(ConfigError) as error:
+            GatewayConfig.from_mapping(data)
+        assert expected in str(error.value), (data, str(error.value))
+
+
+def test_cross_section_rules() -> None:
+    with pytest.raises(ConfigError, match=r"hub\.host: without \[auth\]"):
+        GatewayConfig.from_mapping({"hub": {"host": "0.0.0.0"}})
+    with pytest.raises(ConfigError, match=r"admin\.api_key: required once auth is configured"):
+        GatewayConfig.from_mapping({"auth": {"jwt_algorithm": "HS256", "jwt_secret": SECRET}})
+    with pytest.raises(ConfigError, match=r"admin\.api_key: required when the admin API binds"):
+        GatewayConfig.from_mapping({"admin": {"host": "10.0.0.1"}})
+    production = GatewayConfig.from_mapping(
+        {
+            "hub": {"host": "0.0.0.0"},
+            "auth": {"jwt_algorithm": "HS256", "jwt_secret": SECRET},
+            "admin": {"api_key": "k"},
+        }
+    )
+    assert not production.auth.dev_mode and production.hub.host == "0.0.0.0"
+    assert SECRET not in repr(production) and "'k'" not in repr(production)
+
+
+def test_layers_merge_before_validation(tmp_path: Path) -> None:
+    file = tmp_path / "hub.toml"
+    file.write_text(
+        '[hub]\nport = 1\nmax_connections = 5\n[auth]\njwt_algorithm = "HS256"\n'
+        '[backend]\ntimeout = 3\n[log]\nformat = "json"\n'
+    )
+    environ = {
+        "TRIO_GW_PORT": "2",
+        "TRIO_GW_AUTH_JWT_SECRET": SECRET,  # completes the file's [auth]
+        "TRIO_GW_ADMIN_API_KEY": "key",
+        "TRIO_GW_BACKEND_FORWARD_TOKEN": "true",
+        "TRIO_GW_ALLOWED_ORIGINS": "https://a.example, https://*.b.example",
+        "UNRELATED": "x",
+    }
+    config = GatewayConfig.load(file, environ, {"hub": {"port": 3}, "log": {"level": "debug"}})
+    assert (config.hub.port, config.hub.max_connections) == (3, 5)
+    assert config.hub.allowed_origins == ("https://a.example", "https://*.b.example")
+    assert config.auth.jwt_secret == SECRET and config.admin.api_key == "key"
+    assert (config.backend.timeout, config.backend.forward_token) == (3.0, True)
+    assert (config.log.format, config.log.level) == ("json", "DEBUG")
+    assert GatewayConfig.load(None, {}) == GatewayConfig()
+
+
+def test_from_env_and_evolve() -> None:
+    config = GatewayConfig.from_env({"TRIO_GW_ADMIN_ENABLED": "no", "TRIO_GW_LOG_LEVEL": "error"})
+    assert not config.admin.enabled and config.log.level == "ERROR"
+    moved = config.evolve(hub={"port": 0}, backend={"url": "http://127.0.0.1:9/rpc"})
+    assert (moved.hub.port, moved.backend.url) == (0, "http://127.0.0.1:9/rpc")
+    with pytest.raises(ConfigError, match=r"backend\.max_inflight: expected a positive integer"):
+        config.evolve(backend={"max_inflight": 0})
+    with pytest.raises(ConfigError, match="unknown section: nope"):
+        config.evolve(nope={})
