@@ -59,7 +59,8 @@ class Spec:
 
 async def test_every_endpoint_against_the_openapi_document(tmp_path: Path) -> None:
     config = write_config(tmp_path, CONFIG)
-    alice, bob = token(HS_SECRET, "HS256", sub="alice"), token(HS_SECRET, "HS256", sub="bob")
+    alice = token(HS_SECRET, "HS256", sub="alice", name="Alice Liddell")
+    bob = token(HS_SECRET, "HS256", sub="bob")
     with trio.fail_after(TIMEOUT):
         async with (
             gateway_process("--config", str(config)) as gateway,
@@ -107,6 +108,9 @@ async def test_every_endpoint_against_the_openapi_document(tmp_path: Path) -> No
             }
             status, mine = await get("/api/users/{user_id}/sessions", "/api/users/bob/sessions")
             assert [s["session_id"] for s in mine["items"]] == [b1_hello["session_id"]]
+            assert mine["items"][0]["username"] == "bob"  # no name claim: the user id
+            status, hers = await get("/api/users/{user_id}/sessions", "/api/users/alice/sessions")
+            assert {s["username"] for s in hers["items"]} == {"Alice Liddell"}
             assert mine["items"][0]["valid_until"] is not None
             status, stats = await get("/api/statistics")
             assert stats["connections"] == 3 and stats["users"] == 2

@@ -73,3 +73,23 @@ def test_close_codes_table() -> None:
         "SLOW_CONSUMER": 4008,
         "NO_PONG": 4012,
     }
+
+
+def test_embedding_the_hub_does_not_import_the_http_stack() -> None:
+    """The gateway's HTTP stack is imported on first use only (it costs every full GC)."""
+    import subprocess
+    import sys
+
+    heavy = ["starlette", "hypercorn", "httpx", "jwt", "prometheus_client"]
+    probe = (
+        "import sys, trio_gw; "
+        f"print([m for m in {heavy!r} if m in sys.modules]); "
+        "trio_gw.serve_gateway; "
+        f"print([m for m in {heavy!r} if m in sys.modules])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=30, check=True
+    )
+    before, after = result.stdout.splitlines()
+    assert before == "[]"
+    assert after == repr(heavy)

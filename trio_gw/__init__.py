@@ -3,6 +3,8 @@
 The public API is exactly what this module re-exports.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from ._auth import Authorizer as Authorizer
 from ._auth import Handshake as Handshake
 from ._auth import Identity as Identity
@@ -18,8 +20,6 @@ from ._errors import ConfigError as ConfigError
 from ._errors import GatewayError as GatewayError
 from ._errors import HubClosedError as HubClosedError
 from ._errors import HubOverloadedError as HubOverloadedError
-from ._gateway import Gateway as Gateway
-from ._gateway import serve_gateway as serve_gateway
 from ._gateway_config import AdminConfig as AdminConfig
 from ._gateway_config import AuthConfig as AuthConfig
 from ._gateway_config import BackendConfig as BackendConfig
@@ -33,6 +33,27 @@ from ._hub import open_hub as open_hub
 from ._hub import serve_hub as serve_hub
 from ._session import Session as Session
 from ._statistics import HubStatistics as HubStatistics
+
+if TYPE_CHECKING:
+    from ._gateway import Gateway as Gateway
+    from ._gateway import serve_gateway as serve_gateway
+
+# The standalone gateway pulls in an HTTP stack (hypercorn, Starlette, httpx,
+# pyjwt, prometheus-client). It is imported on first use, so that a program
+# that only embeds the hub neither waits for it nor carries its objects, which
+# every full garbage collection would otherwise traverse.
+_GATEWAY_NAMES = frozenset({"Gateway", "serve_gateway"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _GATEWAY_NAMES:
+        from . import _gateway
+
+        value = getattr(_gateway, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 

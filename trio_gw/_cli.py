@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -130,6 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"configuration OK: {mode}, clients on {config.hub.host}:{config.hub.port}")
         return 0
     configure_logging(config.log.format, config.log.level)
+    # Everything imported so far lives as long as the process: keep it out of
+    # the garbage collector's full passes, which would otherwise re-scan it all.
+    gc.freeze()
     try:
         trio.run(_serve, config)
     except BaseException as exc:

@@ -65,7 +65,7 @@ def check_gateway_config(config: GatewayConfig) -> None:
 
 @attrs.define(eq=False)
 class Gateway:
-    """A running standalone gateway, as ``serve_gateway`` reports it.
+    """A running standalone gateway, as ``serve_gateway`` reports it (not built directly).
 
     Attributes:
         config: Its configuration.

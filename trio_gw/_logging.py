@@ -49,3 +49,7 @@ def configure_logging(log_format: str, level: str) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # httpx logs every request at INFO; the gateway logs each backend call itself,
+    # with the session, user and trace id.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
