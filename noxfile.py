@@ -1,4 +1,4 @@
-"""Sessions: tests, lint and typecheck run by default; bench only when asked."""
+"""Sessions: tests, fuzz, lint and typecheck run by default; bench only when asked."""
 
 from __future__ import annotations
 
@@ -21,6 +21,13 @@ def tests(session: nox.Session) -> None:
     """Run the test suite (real sockets, real processes) with pytest."""
     session.install(".", *group("test"))
     session.run("pytest", *session.posargs)
+
+
+@nox.session
+def fuzz(session: nox.Session) -> None:
+    """Fuzz the admin API of a real trio-gw process against its OpenAPI document."""
+    session.install(".", *group("fuzz"))
+    session.run("python", "tests/fuzz_admin_api.py", *session.posargs)
 
 
 @nox.session

@@ -42,6 +42,8 @@ logger = logging.getLogger("trio_gw.admin")
 
 _DEFAULT_PAGE = 100
 _MAX_PAGE = 1000
+# Echoed back in the page; JSON encoders (and most clients) stop at 64 bits.
+_MAX_OFFSET = (1 << 63) - 1
 # RFC 6455: a close frame's reason must fit in 123 bytes of UTF-8.
 _MAX_REASON_BYTES = 123
 
@@ -123,6 +125,9 @@ def _strict_str(value: Any, _type: type) -> str:
 
 
 def _strict_int(value: Any, _type: type) -> int:
+    # JSON has one number type: 4000.0 is the integer 4000 (as in JSON Schema).
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"expected an integer, got {type(value).__name__}")
     return value
@@ -184,7 +189,7 @@ def _page(request: Request) -> tuple[int, int]:
             raise _BadRequest(f"{name}: expected {low}..{high}, got {value}")
         return value
 
-    return number("offset", 0, 0, 1 << 62), number("limit", _DEFAULT_PAGE, 1, _MAX_PAGE)
+    return number("offset", 0, 0, _MAX_OFFSET), number("limit", _DEFAULT_PAGE, 1, _MAX_PAGE)
 
 
 def _session_info(session: Session) -> dict[str, Any]:

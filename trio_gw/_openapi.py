@@ -55,7 +55,7 @@ _PAGING = [
     {
         "name": "offset",
         "in": "query",
-        "schema": {"type": "integer", "minimum": 0, "default": 0},
+        "schema": {"type": "integer", "minimum": 0, "maximum": (1 << 63) - 1, "default": 0},
     },
     {
         "name": "limit",
@@ -71,7 +71,12 @@ _CLOSE_FIELDS: dict[str, Any] = {
         "description": "1000, or an application code 3000..4999.",
         "anyOf": [{"const": 1000}, {"minimum": 3000, "maximum": 4999}],
     },
-    "reason": {"type": "string", "default": "closed by admin", "maxLength": 123},
+    "reason": {
+        "type": "string",
+        "default": "closed by admin",
+        "maxLength": 123,
+        "description": "At most 123 bytes of UTF-8 (a close frame's limit).",
+    },
 }
 
 _USER_IDS = {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1}
