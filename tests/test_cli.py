@@ -55,6 +55,9 @@ async def test_serve_dev_mode_echo_and_sigterm() -> None:
                 log += chunk
             assert await process.wait() == 0, log.decode()
             assert b"SIGTERM received" in log
+    # Logs are text unless --log-format json is given.
+    first = log.decode().splitlines()[0]
+    assert not first.startswith("{") and " WARNING trio_gw: DEV MODE" in first
 
 
 def test_dev_mode_refuses_non_loopback() -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import pytest
@@ -17,6 +19,7 @@ from trio_gw._jwt import JwtVerifier
 from ._gateway_support import (
     API_KEY,
     HS_SECRET,
+    GatewayProcess,
     gateway_process,
     make_keys,
     token,
@@ -52,6 +55,13 @@ async def handshake_status(url: str, credential: str, via: str = "query") -> tup
     return await trio.to_thread.run_sync(_handshake_status, url, credential, via)
 
 
+CLAIMS = {"aud": "trio-gw-tests", "iss": "https://issuer.test"}
+
+
+class Issuer(Protocol):
+    def __call__(self, lifetime: float = ..., sub: str = ..., *, forged: bool = ...) -> str: ...
+
+
 def rs256_config(tmp_path: Path, keys: Any, **auth: Any) -> Path:
     extra = "".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in auth.items())
     return write_config(
@@ -73,7 +83,7 @@ api_key = "{API_KEY}"
 async def test_rs256_handshakes_accept_only_valid_tokens(tmp_path: Path) -> None:
     keys = make_keys(tmp_path)
     config = rs256_config(tmp_path, keys)
-    claims = {"aud": "trio-gw-tests", "iss": "https://issuer.test"}
+    claims = CLAIMS
     public_pem = keys.rsa_public_pem.read_bytes()
     cases = {
         "valid": (token(keys.rsa_private, name="Alice", **claims), 101, "alice"),
@@ -164,24 +174,33 @@ async def echo(ws: Any, trace_id: str) -> dict[str, Any]:
     return reply
 
 
-async def test_refresh_moves_the_deadline_and_expiry_closes_with_4005(tmp_path: Path) -> None:
+@asynccontextmanager
+async def rs256_gateway(tmp_path: Path) -> AsyncIterator[tuple[GatewayProcess, Issuer]]:
+    """The gateway checking RS256 tokens; yields it and a token issuer for it."""
     keys = make_keys(tmp_path)
-    config = rs256_config(tmp_path, keys)
-    claims = {"aud": "trio-gw-tests", "iss": "https://issuer.test"}
+
+    def issue(lifetime: float = 300, sub: str = "alice", *, forged: bool = False) -> str:
+        key = keys.other_rsa_private if forged else keys.rsa_private
+        return token(key, sub=sub, lifetime=lifetime, **CLAIMS)
+
+    async with gateway_process("--config", str(rs256_config(tmp_path, keys))) as gateway:
+        yield gateway, issue
+
+
+async def test_refresh_moves_the_deadline_and_expiry_closes_with_4005(tmp_path: Path) -> None:
     with trio.fail_after(TIMEOUT):
-        async with gateway_process("--config", str(config)) as gateway:
-            short = token(keys.rsa_private, lifetime=2, **claims)
+        async with rs256_gateway(tmp_path) as (gateway, issue):
+            short = issue(lifetime=2)
             async with (
                 client(gateway.ws_url, short) as (refreshed, _),
                 client(gateway.ws_url, short) as (lapsing, _),
             ):
                 # A refresh before exp moves the deadline...
-                fresh = token(keys.rsa_private, lifetime=120, **claims)
-                answer = await refresh(refreshed, fresh)
+                answer = await refresh(refreshed, issue(lifetime=120))
                 assert answer["ok"] is True and answer["user_id"] == "alice"
                 assert answer["valid_until"] > time.time() + 60
                 # ... a refresh with a bad token is refused but closes nothing ...
-                answer = await refresh(refreshed, token(keys.other_rsa_private, **claims))
+                answer = await refresh(refreshed, issue(forged=True))
                 assert answer == {"ok": False, "error": "token signature does not verify"}
                 # ... and the connection that did not refresh is closed with 4005.
                 with pytest.raises(ConnectionClosed) as closed:
@@ -199,30 +218,20 @@ async def test_refresh_moves_the_deadline_and_expiry_closes_with_4005(tmp_path: 
 
 
 async def test_refresh_after_expiry_is_too_late(tmp_path: Path) -> None:
-    keys = make_keys(tmp_path)
-    config = rs256_config(tmp_path, keys)
-    claims = {"aud": "trio-gw-tests", "iss": "https://issuer.test"}
     with trio.fail_after(TIMEOUT):
-        async with gateway_process("--config", str(config)) as gateway:
-            async with client(gateway.ws_url, token(keys.rsa_private, lifetime=1, **claims)) as (
-                ws,
-                _,
-            ):
+        async with rs256_gateway(tmp_path) as (gateway, issue):
+            async with client(gateway.ws_url, issue(lifetime=1)) as (ws, _):
                 await trio.sleep_until(trio.current_time() + 2.5)  # past exp; not a measurement
-                fresh = token(keys.rsa_private, lifetime=120, **claims)
                 with pytest.raises(ConnectionClosed) as closed:
-                    await refresh(ws, fresh)
+                    await refresh(ws, issue(lifetime=120))
                 assert closed.value.reason.code == 4005
 
 
 async def test_refresh_for_another_user_closes_the_connection(tmp_path: Path) -> None:
-    keys = make_keys(tmp_path)
-    config = rs256_config(tmp_path, keys)
-    claims = {"aud": "trio-gw-tests", "iss": "https://issuer.test"}
     with trio.fail_after(TIMEOUT):
-        async with gateway_process("--config", str(config)) as gateway:
-            async with client(gateway.ws_url, token(keys.rsa_private, **claims)) as (ws, _):
-                answer = await refresh(ws, token(keys.rsa_private, sub="mallory", **claims))
+        async with rs256_gateway(tmp_path) as (gateway, issue):
+            async with client(gateway.ws_url, issue()) as (ws, _):
+                answer = await refresh(ws, issue(sub="mallory"))
                 assert answer == {"ok": False, "error": "token is for a different user"}
                 with pytest.raises(ConnectionClosed) as closed:
                     await ws.get_message()

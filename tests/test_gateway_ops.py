@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import ssl
 import subprocess
-from functools import partial
 from pathlib import Path
 
 import attrs
@@ -191,28 +190,6 @@ async def test_second_signal_exits_at_once(tmp_path: Path) -> None:
             gateway.process.send_signal(signal.SIGINT)
             assert await gateway.process.wait() == 128 + signal.SIGINT
     assert any("received again: exiting at once" in line for line in gateway.log)
-
-
-async def test_text_logs_by_default(tmp_path: Path) -> None:
-    with trio.fail_after(TIMEOUT):
-        async with trio.open_nursery() as nursery:
-            process = await nursery.start(
-                partial(
-                    trio.run_process,
-                    [TRIO_GW, "serve", "--port", "0", "--admin-port", "0"],
-                    stderr=subprocess.PIPE,
-                    check=False,
-                )
-            )
-            log = b""
-            while b"ready: ws://" not in log:
-                chunk = await process.stderr.receive_some()
-                assert chunk, log
-                log += chunk
-            process.send_signal(signal.SIGTERM)
-            assert await process.wait() == 0
-    first = log.decode().splitlines()[0]
-    assert not first.startswith("{") and " WARNING trio_gw: DEV MODE" in first
 
 
 async def test_tls_serves_wss(tmp_path: Path) -> None:

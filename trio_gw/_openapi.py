@@ -83,6 +83,19 @@ _USER_IDS = {"type": "array", "items": {"type": "string", "minLength": 1}, "minI
 _MESSAGE = {"description": "Any JSON value; a string is sent as it is, anything else as JSON."}
 
 
+def _page_of(item: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["total", "offset", "limit", "items"],
+        "properties": {
+            "total": {"type": "integer"},
+            "offset": {"type": "integer"},
+            "limit": {"type": "integer"},
+            "items": {"type": "array", "items": item},
+        },
+    }
+
+
 def _schemas() -> dict[str, Any]:
     nullable_number = {"type": ["number", "null"]}
     return {
@@ -159,36 +172,17 @@ def _schemas() -> dict[str, Any]:
                 },
             },
         },
-        "SessionPage": {
-            "type": "object",
-            "required": ["total", "offset", "limit", "items"],
-            "properties": {
-                "total": {"type": "integer"},
-                "offset": {"type": "integer"},
-                "limit": {"type": "integer"},
-                "items": {"type": "array", "items": _ref("SessionInfo")},
-            },
-        },
-        "UserPage": {
-            "type": "object",
-            "required": ["total", "offset", "limit", "items"],
-            "properties": {
-                "total": {"type": "integer"},
-                "offset": {"type": "integer"},
-                "limit": {"type": "integer"},
-                "items": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["user_id", "sessions"],
-                        "properties": {
-                            "user_id": {"type": "string"},
-                            "sessions": {"type": "integer", "minimum": 1},
-                        },
-                    },
+        "SessionPage": _page_of(_ref("SessionInfo")),
+        "UserPage": _page_of(
+            {
+                "type": "object",
+                "required": ["user_id", "sessions"],
+                "properties": {
+                    "user_id": {"type": "string"},
+                    "sessions": {"type": "integer", "minimum": 1},
                 },
-            },
-        },
+            }
+        ),
         "UserSessions": {
             "type": "object",
             "required": ["user_id", "items"],
