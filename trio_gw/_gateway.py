@@ -169,14 +169,15 @@ class Gateway:
     async def _request(self, reply: Reply, session: Session, message: dict[str, Any]) -> None:
         payload = message.get("payload")
         given_trace = payload.get("trace_id") if isinstance(payload, dict) else None
-        trace_id = given_trace if isinstance(given_trace, str) and given_trace else None
+        has_trace = isinstance(given_trace, str) and bool(given_trace)
+        trace_id = given_trace if has_trace else uuid.uuid4().hex
         try:
             request = parse_request(message).payload
         except WireError as exc:
             await reply(session, _response(request_error(trace_id, "bad_request", str(exc))))
             return
-        if trace_id is None:
-            request = attrs.evolve(request, trace_id=uuid.uuid4().hex)
+        if not has_trace:
+            request = attrs.evolve(request, trace_id=trace_id)
         forwarder = self._forwarder
         if forwarder is None:
             if self.config.auth.dev_mode:  # echo, as in the dev hub
@@ -250,7 +251,8 @@ async def serve_gateway(
         Everything runs in this task's nurseries: the hub with its
         connections, the backend calls with their httpx client, and the admin
         HTTP server. ``shutdown()`` stops them in order (listener, clients,
-        backend calls, admin API); cancelling this task stops them at once.
+        backend calls, admin API). Cancelling this task stops them too; the
+        hub still closes its clients with 1001, for at most ``hub.shutdown_timeout``.
 
     Raises:
         ConfigError: a key or certificate file cannot be loaded.
