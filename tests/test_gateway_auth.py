@@ -277,3 +277,17 @@ def test_verifier_refuses_bad_key_files(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"auth\.jwks_file: .* holds no RS256 key"):
         JwtVerifier(only_ec.auth)
+
+
+async def test_refused_refreshes_keep_the_connection() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with gateway_process() as gateway, client(gateway.ws_url, "dev") as (ws, _):
+            await ws.send_message('{"type": "auth", "payload": {}}')
+            assert (await receive_json(ws))["payload"] == {
+                "ok": False,
+                "error": "payload.token: expected a string",
+            }
+            answer = await refresh(ws, "anything")
+            assert answer == {"ok": False, "error": "dev mode: tokens are not checked"}
+            reply = await echo(ws, "still-open")
+            assert reply["payload"]["trace_id"] == "still-open"

@@ -123,18 +123,15 @@ class Gateway:
         metrics = self.metrics
         payload = message.get("payload")
         token = payload.get("token") if isinstance(payload, dict) else None
-        if not isinstance(token, str) or not token:
-            metrics.auth_refreshes.labels("invalid").inc()
-            await reply(session, _auth_reply(False, error="payload.token: expected a string"))
-            return
-        if self._verifier is None:
-            metrics.auth_refreshes.labels("invalid").inc()
-            await reply(session, _auth_reply(False, error="dev mode: tokens are not checked"))
-            return
+        # A refused refresh leaves the connection and its deadline as they are;
+        # the client may try again.
         try:
+            if not isinstance(token, str) or not token:
+                raise AuthRefused(400, "payload.token: expected a string")
+            if self._verifier is None:
+                raise AuthRefused(400, "dev mode: tokens are not checked")
             identity = self._verifier.verify(token)
         except AuthRefused as exc:
-            # The connection keeps its current deadline; the client may try again.
             metrics.auth_refreshes.labels("invalid").inc()
             logger.info(
                 "session %s: token refresh refused: %s",
