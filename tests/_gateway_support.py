@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -136,12 +136,16 @@ def write_config(directory: Path, text: str) -> Path:
 
 @asynccontextmanager
 async def gateway_process(
-    *args: str, env: dict[str, str] | None = None, stop: bool = True
+    *args: str,
+    env: dict[str, str] | None = None,
+    stop: bool = True,
+    preexec_fn: Callable[[], object] | None = None,
 ) -> AsyncIterator[GatewayProcess]:
     """Run ``trio-gw serve --port 0 --admin-port 0 --log-format json *args`` until the block ends.
 
     The block's end sends SIGTERM and expects exit code 0 (unless ``stop`` is
-    False, for tests that stop the process themselves).
+    False, for tests that stop the process themselves). ``preexec_fn`` runs in
+    the child before ``exec`` (to set its resource limits, say).
     """
     command = [TRIO_GW, "serve", "--port", "0", "--admin-port", "0", "--log-format", "json", *args]
     async with trio.open_nursery() as nursery:
@@ -151,6 +155,7 @@ async def gateway_process(
                 command,
                 stderr=subprocess.PIPE,
                 env={**os.environ, **(env or {})},
+                preexec_fn=preexec_fn,
                 check=False,
             )
         )

@@ -94,6 +94,13 @@ async def test_dashboard_shows_connections_and_sends(tmp_path: Path) -> None:
             driver = await run(open_browser, tmp_path / "profile")
             try:
                 await run(load_dashboard, driver, gateway.admin_url)
+                # The page's Content-Security-Policy lets its inline style apply
+                # too (its script evidently runs: the counts show).
+                border = await run(
+                    driver.execute_script,
+                    "return getComputedStyle(document.querySelector('.card')).borderTopStyle",
+                )
+                assert border == "solid"
                 async with client(gateway.ws_url, token(HS_SECRET, "HS256", sub="alice")) as (
                     ws,
                     hello,

@@ -1,4 +1,11 @@
-"""Identity expiry in the hub itself: ``Identity.valid_until`` and ``refresh_identity``."""
+"""Identity expiry in the hub itself: ``Identity.valid_until`` and ``refresh_identity``.
+
+Expiry is driven by moving trio's clock, not by waiting: the hub turns
+``valid_until`` (Unix time) into a deadline on trio's clock, and the ``clock``
+fixture below runs at real speed (real sockets need that) but can be jumped
+forward. So a validity of ten minutes never passes on its own during a test,
+however slow the machine, and passes at once when the test jumps the clock.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +13,24 @@ import time
 
 import pytest
 import trio
+from trio.testing import MockClock
 from trio_websocket import ConnectionClosed
 
 from trio_gw import CloseCode, Handshake, Identity, extract_token
 
 from .conftest import TIMEOUT, client, receive_json, running_hub, wait_for
+
+#: Longer than any machine takes to connect the clients and refresh one of them.
+VALIDITY = 600.0
+
+
+@pytest.fixture
+def clock() -> MockClock:
+    """Trio's clock at real speed (timeouts still guard I/O) that a test can jump forward.
+
+    pytest-trio runs a test with any ``trio.abc.Clock`` fixture it takes.
+    """
+    return MockClock(rate=1.0)
 
 
 async def expiring_authorizer(handshake: Handshake) -> Identity | None:
@@ -19,17 +39,27 @@ async def expiring_authorizer(handshake: Handshake) -> Identity | None:
     return Identity(user, valid_until=time.time() + float(seconds)) if user else None
 
 
-async def test_expired_sessions_close_with_4005_unless_refreshed() -> None:
-    with trio.fail_after(TIMEOUT):
+async def test_expired_sessions_close_with_4005_unless_refreshed(clock: MockClock) -> None:
+    with trio.fail_after(TIMEOUT) as guard:
         async with (
-            running_hub(authorizer=expiring_authorizer) as (hub, url),
-            client(url, "lapsing:0.3") as (lapsing, _),
-            client(url, "kept:0.3") as (kept, kept_hello),
-            client(url, "forever:1000") as (forever, _),
+            # No heartbeat: the clock jump below must not count as a missed pong.
+            running_hub(authorizer=expiring_authorizer, heartbeat_interval=0) as (hub, url),
+            # "kept" would lapse before "lapsing" does, so by the time "lapsing"
+            # is closed the hub has passed kept's first deadline too.
+            client(url, f"kept:{VALIDITY / 2}") as (kept, kept_hello),
+            client(url, f"lapsing:{VALIDITY}") as (lapsing, lapsing_hello),
+            client(url, f"forever:{100 * VALIDITY}") as (forever, _),
         ):
             session = hub.get_handler(kept_hello["session_id"])
             assert session is not None
-            hub.refresh_identity(session, Identity("kept", valid_until=time.time() + 1000))
+            hub.refresh_identity(session, Identity("kept", valid_until=time.time() + 10 * VALIDITY))
+            # Nothing has lapsed yet: trio's clock is far from any deadline.
+            assert hub.get_handler(lapsing_hello["session_id"]) is not None
+            assert hub.statistics().closes_by_code.get(CloseCode.AUTH_EXPIRED) is None
+            # Past the deadlines of both tokens, short of the refreshed one's. The
+            # jump is not time the test took, so the hang guard moves with it.
+            clock.jump(VALIDITY)
+            guard.deadline += VALIDITY
             with pytest.raises(ConnectionClosed) as closed:
                 await lapsing.get_message()
             assert closed.value.reason.code == CloseCode.AUTH_EXPIRED

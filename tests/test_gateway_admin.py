@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -227,3 +230,127 @@ async def test_health_readiness_and_metrics(tmp_path: Path) -> None:
         "trio_gw_backend_inflight 0.0",
     ):
         assert line in text, line
+
+
+# --- what a web page could make a browser send -------------------------------------------
+
+
+async def test_web_pages_cannot_drive_the_dev_mode_admin_api() -> None:
+    # Dev mode: no API key, so the guard is all that stands between a page and the API.
+    with trio.fail_after(TIMEOUT):
+        async with (
+            gateway_process() as gateway,
+            gateway.admin(key=None) as admin,
+            client(gateway.ws_url, "alice") as (ws, _),
+        ):
+            assert gateway.admin_url is not None
+            port = gateway.admin_url.rpartition(":")[2]
+            refused = 0
+
+            async def get(path: str, host: str) -> httpx.Response:
+                return await admin.get(path, headers={"host": host})
+
+            # DNS rebinding: the page's own name resolves to 127.0.0.1.
+            for path in ("/api/sessions", "/", "/metrics", "/healthz", "/openapi.json"):
+                response = await get(path, f"evil.example.com:{port}")
+                assert response.status_code == 403, path
+                assert response.json()["error"] == "forbidden"
+                assert "'evil.example.com:" in response.json()["detail"]
+                refused += 1
+            for host in (
+                "evil.example.com",
+                f"0.0.0.0:{port}",
+                f"127.0.0.1.evil.example.com:{port}",
+                f"localhost.evil.example.com:{port}",
+                f"[::ffff:7f00:1]:{port}",
+                f"[::1:{port}",
+                "",
+            ):
+                assert (await get("/api/sessions", host)).status_code == 403, host
+                refused += 1
+            for host in (f"127.0.0.1:{port}", f"LocalHost:{port}", f"[::1]:{port}", "127.9.9.9"):
+                response = await get("/api/sessions", host)
+                assert response.status_code == 200, host
+                assert response.json()["total"] == 1
+
+            # A cross-site form or fetch: text/plain needs no CORS preflight.
+            for origin in ("http://evil.example.com", "null", f"http://127.0.0.1:{int(port) + 1}"):
+                response = await admin.post(
+                    "/api/close/all",
+                    content=b"{}",
+                    headers={"content-type": "text/plain", "origin": origin},
+                )
+                assert response.status_code == 403, origin
+                assert response.json()["detail"].startswith("cross-origin request refused")
+                refused += 1
+            # The dashboard's own POSTs, and those of clients that send no Origin, pass;
+            # and the session that the refused POSTs meant to close is still open.
+            sent = await admin.post(
+                "/api/send/all",
+                json={"message": "still here"},
+                headers={"origin": gateway.admin_url},
+            )
+            assert sent.json() == {"sessions": 1}
+            assert await ws.get_message() == "still here"
+            sent = await admin.post("/api/send/users", json={"user_ids": ["alice"], "message": "2"})
+            assert sent.json() == {"sessions": 1}
+            assert await ws.get_message() == "2"
+
+            metrics = (await admin.get("/metrics")).text
+            assert f"trio_gw_admin_refused_total {float(refused)}" in metrics
+
+
+async def test_dashboard_and_api_answers_carry_security_headers() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with gateway_process() as gateway, gateway.admin(key=None) as admin:
+            page = await admin.get("/")
+            api = await admin.get("/api/statistics")
+            refusal = await admin.get("/", headers={"host": "evil.example.com"})
+    for response in (page, api, refusal):
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["x-frame-options"] == "DENY"
+        assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+    assert api.headers["content-security-policy"].startswith("default-src 'none'")
+    policy = dict(
+        directive.strip().split(" ", 1)
+        for directive in page.headers["content-security-policy"].split(";")
+    )
+    assert policy["default-src"] == "'self'"
+    # The page's inline script and style are allowed by their hashes, and nothing
+    # else inline ('unsafe-inline' would let injected markup run).
+    for tag in ("script", "style"):
+        [body] = re.findall(rf"<{tag}>(.*?)</{tag}>", page.text, re.S)
+        digest = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
+        assert policy[f"{tag}-src"] == f"'sha256-{digest}'"
+    assert "unsafe" not in page.headers["content-security-policy"]
+
+
+@pytest.mark.parametrize("admin_host", ["127.0.0.1", "0.0.0.0"])
+async def test_the_host_check_follows_the_admin_address(tmp_path: Path, admin_host: str) -> None:
+    # Bound to loopback, only a rebinding page uses another name. Bound to all
+    # interfaces (a pod), probes and scrapers come by the pod's address, and the
+    # API key, which is then required, protects /api.
+    config = write_config(tmp_path, CONFIG)
+    with trio.fail_after(TIMEOUT):
+        async with gateway_process("--config", str(config), "--admin-host", admin_host) as gateway:
+            [port] = {
+                match.group(1)
+                for line in gateway.log
+                if (match := re.search(r"admin API and dashboard on http://[^:]+:(\d+)/", line))
+            }
+            async with httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{port}",
+                headers={"authorization": f"Bearer {API_KEY}"},
+                timeout=10,
+            ) as admin:
+                pod = {"host": f"10.0.0.7:{port}"}
+                statuses = [
+                    (await admin.get(path, headers=pod)).status_code
+                    for path in ("/healthz", "/readyz", "/metrics", "/api/statistics")
+                ]
+                # A cross-origin POST is refused either way, key or not.
+                post = await admin.post(
+                    "/api/close/all", json={}, headers={"origin": "http://evil.example.com"}
+                )
+    assert statuses == ([403] * 4 if admin_host == "127.0.0.1" else [200] * 4)
+    assert post.status_code == 403

@@ -291,3 +291,63 @@ async def test_refused_refreshes_keep_the_connection() -> None:
             assert answer == {"ok": False, "error": "dev mode: tokens are not checked"}
             reply = await echo(ws, "still-open")
             assert reply["payload"]["trace_id"] == "still-open"
+
+
+def _signed_raw(key: Any, payload: bytes) -> str:
+    """An RS256 token over exactly these payload bytes (pyjwt's encoder cannot write 1e400)."""
+    import jwt
+
+    return jwt.PyJWS().encode(payload, key, algorithm="RS256")
+
+
+async def test_absurd_claims_are_refused_with_401(tmp_path: Path) -> None:
+    keys = make_keys(tmp_path)
+    config = rs256_config(tmp_path, keys)
+    key = keys.rsa_private
+    later = int(time.time()) + 300
+    claims = b'"aud": "trio-gw-tests", "iss": "https://issuer.test"'
+    cases = {
+        # 10**400 has no float value: it used to end in a 500 and a traceback.
+        "exp 10**400": (token(key, exp=10**400, **CLAIMS), "'exp' claim is out of range"),
+        "exp 1e300": (token(key, exp=1e300, **CLAIMS), "'exp' claim is out of range"),
+        "exp 1e400": (
+            _signed_raw(key, b'{"sub": "alice", "exp": 1e400, ' + claims + b"}"),
+            "invalid token",
+        ),
+        "exp string": (token(key, exp="9999999999", **CLAIMS), "'exp' claim must be a number"),
+        "nbf 10**400": (token(key, nbf=10**400, **CLAIMS), "not valid yet"),
+        "iat 10**400": (token(key, iat=10**400, **CLAIMS), "not valid yet"),
+        "iat 1e400": (
+            _signed_raw(key, b'{"sub": "alice", "exp": %d, "iat": 1e400, %s}' % (later, claims)),
+            "invalid token",
+        ),
+        "sub empty": (token(key, sub="", **CLAIMS), "'sub' claim must be a non-blank string"),
+        "sub blank": (token(key, sub=" \t ", **CLAIMS), "'sub' claim must be a non-blank string"),
+        "sub newline": (token(key, sub="alice\nINFO forged", **CLAIMS), "control characters"),
+        "sub NUL": (token(key, sub="alice\x00", **CLAIMS), "control characters"),
+        "sub DEL": (token(key, sub="al\x7fice", **CLAIMS), "control characters"),
+        "sub C1": (token(key, sub="alice\x85", **CLAIMS), "control characters"),
+    }
+    with trio.fail_after(TIMEOUT):
+        async with gateway_process("--config", str(config)) as gateway:
+            results = {
+                name: await handshake_status(gateway.ws_url, credential)
+                for name, (credential, _) in cases.items()
+            }
+            # A refresh with such a token is refused the same way, and the
+            # connection stays as it was.
+            async with client(gateway.ws_url, token(key, **CLAIMS)) as (ws, _):
+                answer = await refresh(ws, cases["exp 10**400"][0])
+                assert answer == {"ok": False, "error": results["exp 10**400"][1]}
+                answer = await refresh(ws, cases["sub newline"][0])
+                assert answer["ok"] is False and "control characters" in answer["error"]
+                assert (await echo(ws, "still-open"))["payload"]["trace_id"] == "still-open"
+            async with gateway.admin() as admin:
+                stats = (await admin.get("/api/statistics")).json()
+        records = gateway.log_records()
+    for name, (_, reason) in cases.items():
+        status, body = results[name]
+        assert status == 401, (name, results[name])
+        assert reason in body, (name, results[name])
+    assert stats["rejected_handshakes"] == {"refused": len(cases)}
+    assert not [r for r in records if "exception" in r or r["level"] == "ERROR"]

@@ -183,3 +183,68 @@ async def test_refused_backend_connection_is_an_error_response(tmp_path: Path) -
     assert response["payload"]["trace_id"] == "t-refused"
     assert response["payload"]["error"]["code"] == "backend_unreachable"
     assert again["payload"]["trace_id"] == "t-again"
+
+
+async def test_non_string_fields_are_refused_not_coerced(tmp_path: Path) -> None:
+    # cattrs's default converter would forward "service": null as "None" and
+    # "method": ["a", "b"] as "['a', 'b']"; the backend must see none of these.
+    def frame(service: Any, method: Any, trace_id: Any) -> str:
+        payload = {"service": service, "method": method, "trace_id": trace_id}
+        return orjson.dumps({"type": "request", "payload": payload}).decode()
+
+    bad_frames = [
+        (frame(None, "lookup", "t-null"), "t-null", "payload.service: expected a string, got null"),
+        (
+            frame("orders", ["a", "b"], "t-list"),
+            "t-list",
+            "payload.method: expected a string, got an array",
+        ),
+        (
+            frame({"x": 1}, 7, "t-both"),
+            "t-both",
+            "payload.service: expected a string, got an object",
+        ),
+        (frame("orders", "lookup", 42), None, "payload.trace_id: expected a string, got a number"),
+        (
+            frame("orders", "lookup", ["t"]),
+            None,
+            "payload.trace_id: expected a string, got an array",
+        ),
+    ]
+    with trio.fail_after(TIMEOUT):
+        async with http_backend() as backend:
+            config = config_for(tmp_path, backend.url)
+            async with (
+                gateway_process("--config", str(config)) as gateway,
+                client(gateway.ws_url, token(HS_SECRET, "HS256")) as (ws, _),
+            ):
+                answers = []
+                for text, _, _ in bad_frames:
+                    await ws.send_message(text)
+                    answers.append(await receive_json(ws))
+                # A null trace_id counts as absent: one is assigned, as before.
+                await ws.send_message(frame("orders", "lookup", None))
+                assigned = await receive_json(ws)
+                await ws.send_message(request("lookup", "t-ok"))
+                ok = await receive_json(ws)
+
+    for answer, (_, trace_id, message) in zip(answers, bad_frames, strict=True):
+        assert answer["payload"]["result"] is None
+        assert answer["payload"]["error"]["code"] == "bad_request"
+        assert message in answer["payload"]["error"]["message"], answer
+        if trace_id is None:  # the client's trace_id was the bad field: a fresh one
+            assert isinstance(answer["payload"]["trace_id"], str) and answer["payload"]["trace_id"]
+        else:
+            assert answer["payload"]["trace_id"] == trace_id
+    assert (
+        "payload.method: expected a string, got a number"
+        in answers[2]["payload"]["error"]["message"]
+    )
+    generated = assigned["payload"]["trace_id"]
+    assert generated and assigned["payload"]["error"] is None
+    assert ok["payload"]["trace_id"] == "t-ok" and ok["payload"]["error"] is None
+    # Only the two valid requests reached the backend, with their fields intact.
+    assert [call["body"] for call in backend.calls] == [
+        {"service": "orders", "method": "lookup", "params": None, "trace_id": generated},
+        {"service": "orders", "method": "lookup", "params": None, "trace_id": "t-ok"},
+    ]

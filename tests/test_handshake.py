@@ -67,6 +67,7 @@ async def test_token_sources_and_refusals() -> None:
             assert await in_thread(status_of, f"{url}/?token=nope") == 401
 
             await wait_for(lambda: hub.statistics().sessions_closed == 5)
+            await wait_for(lambda: hub.statistics().handshakes_in_progress == 0)
             stats = hub.statistics()
             assert stats.rejected_handshakes == {"unauthorized": 4}
             assert stats.connections == 0

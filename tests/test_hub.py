@@ -222,10 +222,17 @@ async def test_sequential_by_default_concurrent_when_configured(writer: str) -> 
         release = trio.Event()
 
         async def gate(
-            reply: Reply, handler: Session, message: Any, release: trio.Event = release
+            reply: Reply,
+            handler: Session,
+            message: Any,
+            release: trio.Event = release,
+            concurrent: bool = inflight > 1,
         ) -> None:
             if message == "first":
-                with trio.move_on_after(0.5):  # bounded: a sequential hub never sets it
+                # The hub has read "second" as well: a sequential hub holds it
+                # back until this returns, a concurrent one runs it meanwhile.
+                await wait_for(lambda: handler._hub.statistics().messages_in == 2)
+                if concurrent:
                     await release.wait()
             else:
                 release.set()

@@ -170,9 +170,14 @@ async def test_heartbeat_can_be_turned_off() -> None:
 
 
 async def test_churn_leaves_no_registry_entry() -> None:
-    """Thousands of connects and disconnects, some clean, some abrupt, some mid-handshake."""
+    """Thousands of connects and disconnects, some clean, some abrupt, some mid-handshake.
+
+    Progress, not speed, is checked: every cycle of every worker completes, and
+    the hang guards are generous enough for a loaded machine.
+    """
     workers, cycles = 20, 100
     outcomes = {"clean": 0, "abrupt": 0, "half_handshake": 0}
+    completed = [0] * workers
     trouble: list[tuple[int, str, str]] = []
 
     async def worker(seed: int, url: str) -> None:
@@ -180,15 +185,13 @@ async def test_churn_leaves_no_registry_entry() -> None:
         port = port_of(url)
         for _ in range(cycles):
             kind = rng.choice(["clean", "clean", "abrupt", "half_handshake"])
-            started = trio.current_time()
             try:
                 await cycle(kind, rng, url, port)
-            except BaseException as exc:
+            except Exception as exc:  # reported below, with every worker's progress
                 trouble.append((seed, kind, repr(exc)))
-                raise
-            if trio.current_time() - started > 5:
-                trouble.append((seed, kind, f"slow cycle {trio.current_time() - started:.1f}s"))
+                return
             outcomes[kind] += 1
+            completed[seed] += 1
 
     async def cycle(kind: str, rng: random.Random, url: str, port: int) -> None:
         if kind == "clean":
@@ -205,13 +208,19 @@ async def test_churn_leaves_no_registry_entry() -> None:
             await stream.send_all(b"GET /?token=x HTTP/1.1\r\nHost: x\r\n")
             await trio.aclose_forcefully(stream)
 
-    with trio.fail_after(120):
-        async with running_hub(handshake_timeout=5) as (hub, url):
-            async with trio.open_nursery() as nursery:
-                for seed in range(workers):
-                    nursery.start_soon(worker, seed, url)
+    # Hang guards only, generous for a loaded machine: the churn takes seconds.
+    with trio.fail_after(20 * TIMEOUT):
+        # A handshake slowed down by the load must not be refused as timed out.
+        async with running_hub(handshake_timeout=TIMEOUT) as (hub, url):
+            with trio.move_on_after(15 * TIMEOUT):
+                async with trio.open_nursery() as nursery:
+                    for seed in range(workers):
+                        nursery.start_soon(worker, seed, url)
+            # Every worker got through every cycle; a stalled one shows where.
+            assert not trouble, trouble
+            assert completed == [cycles] * workers, (completed, hub.statistics())
             sessions = outcomes["clean"] + outcomes["abrupt"]
-            with trio.move_on_after(60):
+            with trio.move_on_after(3 * TIMEOUT):
                 await wait_for(lambda: hub.statistics().sessions_closed == sessions)
                 await wait_for(lambda: hub._live_connections == 0)
             stuck = [
@@ -219,7 +228,6 @@ async def test_churn_leaves_no_registry_entry() -> None:
                 for s in map(hub.get_handler, hub.session_ids()[:5])
             ]
             assert hub._live_connections == 0, (sessions, hub.statistics(), stuck)
-            assert not trouble, trouble
             await hub.flush()
             stats = hub.statistics()
             assert stats.sessions_opened == sessions

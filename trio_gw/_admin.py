@@ -3,12 +3,28 @@
 Every ``/api/*`` endpoint needs ``Authorization: Bearer <admin.api_key>`` (in
 dev mode on loopback, with no key configured, none). Bodies are JSON,
 structured with cattrs at this edge; a bad body gets 400 naming the field.
+
+Web pages the operator happens to visit must not be able to drive it, so a
+guard in front of every route refuses (403, counted):
+
+* on a loopback admin port, a ``Host`` that is not a loopback name or address
+  or ``admin.host``: a DNS-rebinding page reaches 127.0.0.1 under its own name,
+  and would otherwise read everything that needs no key;
+* a state-changing request whose ``Origin`` is not the request's own, such as
+  a cross-site ``text/plain`` POST, which browsers send without asking.
+
+Every answer carries ``X-Content-Type-Options: nosniff``, ``X-Frame-Options:
+DENY`` and a Content-Security-Policy; the dashboard's allows only its own
+inline script and style, by hash.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -22,13 +38,17 @@ from cattrs.preconf.orjson import make_converter
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 from starlette.applications import Starlette
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._close_codes import CloseCode
 from ._config import _field_first, _format_exception, _leaves
 from ._errors import HubClosedError, HubOverloadedError
+from ._hub import is_loopback
 from ._metrics import CONTENT_TYPE
 from ._openapi import openapi_document
 from ._session import Session
@@ -204,6 +224,132 @@ def _session_info(session: Session) -> dict[str, Any]:
     }
 
 
+# --- the browser guard ------------------------------------------------------------
+
+_SAFE_METHODS = frozenset({"GET", "HEAD"})
+_HOST = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<name>[^:\[\]]+))(?::\d*)?$")
+#: The policy of every answer but the dashboard: load nothing, be framed nowhere.
+_API_CSP = "default-src 'none'; frame-ancestors 'none'"
+_SECURITY_HEADERS = (("x-content-type-options", "nosniff"), ("x-frame-options", "DENY"))
+
+
+def _host_name(host: str) -> str | None:
+    """The name or address in a ``Host`` header, lower-cased, or None if malformed."""
+    match = _HOST.match(host)
+    if match is None:
+        return None
+    return (match.group("v6") or match.group("name")).lower()
+
+
+def _same_origin(origin: str, host: str) -> bool:
+    """True when ``origin`` names the server the request was sent to.
+
+    A browser serializes both from the same URL for a same-origin request
+    (default ports left out of both), so host and port compare as text; the
+    scheme is not compared, so that a TLS-terminating proxy in front keeps working.
+    """
+    scheme, sep, authority = origin.partition("://")
+    return (
+        bool(sep)
+        and scheme.lower() in ("http", "https")
+        and "/" not in authority
+        and authority.lower() == host.lower()
+    )
+
+
+def _csp_hashes(html: str, tag: str) -> list[str]:
+    """CSP source expressions allowing each inline ``<tag>`` element of ``html``."""
+    # Browsers hash the element's text as parsed, and HTML parsing turns CRLF into LF.
+    bodies = re.findall(rf"<{tag}>(.*?)</{tag}>", html.replace("\r\n", "\n"), re.S)
+    return [
+        "'sha256-" + base64.b64encode(hashlib.sha256(body.encode()).digest()).decode() + "'"
+        for body in bodies
+    ]
+
+
+def _dashboard_csp(html: str) -> str:
+    """The dashboard's Content-Security-Policy: its own inline script and style, by hash."""
+    scripts = " ".join(_csp_hashes(html, "script")) or "'none'"
+    styles = " ".join(_csp_hashes(html, "style")) or "'none'"
+    return (
+        f"default-src 'self'; script-src {scripts}; style-src {styles}; object-src 'none'; "
+        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    )
+
+
+class _BrowserGuard:
+    """ASGI middleware: refuses what only a hostile web page would send; adds security headers.
+
+    Args:
+        app: The admin app.
+        check_host: Refuse a ``Host`` that is neither loopback nor ``admin_host``.
+        admin_host: ``admin.host``.
+        refused: Called once per refusal (the metric).
+    """
+
+    def __init__(
+        self, app: ASGIApp, *, check_host: bool, admin_host: str, refused: Callable[[], None]
+    ) -> None:
+        self._app = app
+        self._check_host = check_host
+        self._admin_host = admin_host.strip("[]").lower()
+        self._refused = refused
+
+    def _refusal(self, scope: Scope) -> str | None:
+        headers = Headers(scope=scope)
+        host = headers.get("host", "")
+        if self._check_host:
+            name = _host_name(host)
+            if name is None or not (is_loopback(name) or name == self._admin_host):
+                return (
+                    f"Host {host!r} is not this admin API's address; use a loopback address "
+                    "(127.0.0.1 or localhost) or admin.host"
+                )
+        origin = headers.get("origin")
+        if (
+            scope["method"] not in _SAFE_METHODS
+            and origin is not None
+            and not _same_origin(origin, host)
+        ):
+            return f"cross-origin request refused: Origin {origin!r} is not {host!r}"
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one ASGI connection: refuse it, or pass it on with the headers added."""
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            self._refused()
+            client = scope.get("client")
+            logger.warning(
+                "admin request %s %s from %s refused: %s",
+                scope["method"],
+                scope["path"],
+                client[0] if client else "?",
+                refusal,
+            )
+            await _error(403, "forbidden", refusal)(scope, receive, self._send_secured(send))
+            return
+        await self._app(scope, receive, self._send_secured(send))
+
+    @staticmethod
+    def _send_secured(send: Send) -> Send:
+        async def secured(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in _SECURITY_HEADERS:
+                    headers.append(name, value)
+                if "content-security-policy" not in headers:
+                    headers["content-security-policy"] = _API_CSP
+            await send(message)
+
+        return secured
+
+
+# --- the app -------------------------------------------------------------------------
+
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 #: The API's operations; the tests check that the OpenAPI document lists exactly these.
@@ -342,6 +488,9 @@ def admin_app(gateway: Gateway) -> Starlette:
                 "slow_consumer_closes": s.slow_consumer_closes,
                 "callback_errors": s.callback_errors,
                 "bad_messages": s.bad_messages,
+                "connection_errors": s.connection_errors,
+                "handshakes_aborted": s.handshakes_aborted,
+                "accept_errors": s.accept_errors,
                 "rejected_handshakes": dict(s.rejected_handshakes),
                 "closes_by_code": {str(k): v for k, v in s.closes_by_code.items()},
                 "backend_inflight": forwarder.inflight if forwarder else 0,
@@ -366,9 +515,10 @@ def admin_app(gateway: Gateway) -> Starlette:
         return Response(document, media_type="application/json")
 
     dashboard = resources.files("trio_gw").joinpath("_dashboard.html").read_text("utf-8")
+    dashboard_headers = {"content-security-policy": _dashboard_csp(dashboard)}
 
     async def index(_request: Request) -> Response:
-        return HTMLResponse(dashboard)
+        return HTMLResponse(dashboard, headers=dashboard_headers)
 
     api: dict[str, Endpoint] = {
         "/api/send/session": send_session,
@@ -392,7 +542,16 @@ def admin_app(gateway: Gateway) -> Starlette:
     ]
     # A message may be as large as a client's queue; the JSON around it is small.
     max_body = gateway.config.hub.outbound_queue_bytes + 64 * 1024
-    return Starlette(routes=routes, max_body_size=max_body)
+    admin = gateway.config.admin
+    guard = Middleware(
+        _BrowserGuard,
+        # Bound elsewhere, a key is required and probes come by the pod's own
+        # address; bound to loopback, only a rebinding page uses another name.
+        check_host=is_loopback(admin.host) or api_key is None,
+        admin_host=admin.host,
+        refused=metrics.admin_refused.inc,
+    )
+    return Starlette(routes=routes, middleware=[guard], max_body_size=max_body)
 
 
 async def serve_admin(

@@ -14,6 +14,7 @@ from typing import Any
 import trio
 
 from ._errors import ConfigError
+from ._fdlimit import raise_open_file_limit
 from ._gateway import Gateway, check_gateway_config, serve_gateway
 from ._gateway_config import GatewayConfig
 from ._logging import configure_logging
@@ -131,6 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"configuration OK: {mode}, clients on {config.hub.host}:{config.hub.port}")
         return 0
     configure_logging(config.log.format, config.log.level)
+    # Each client is a file descriptor: take all the process may have, and say
+    # so at once if hub.max_connections still does not fit.
+    raise_open_file_limit(config)
     # Everything imported so far lives as long as the process: keep it out of
     # the garbage collector's full passes, which would otherwise re-scan it all.
     gc.freeze()

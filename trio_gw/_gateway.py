@@ -15,7 +15,7 @@ from ._admin import serve_admin
 from ._auth import Authorizer
 from ._close_codes import CloseCode
 from ._devmode import dev_authorizer
-from ._errors import AuthRefused, ConfigError, HubClosedError
+from ._errors import AuthRefused, ConfigError
 from ._forwarding import BackendForwarder, request_error
 from ._gateway_config import GatewayConfig
 from ._hub import HandlerManager, Reply, open_hub, serve_hub
@@ -80,7 +80,6 @@ class Gateway:
     metrics: GatewayMetrics
     _verifier: JwtVerifier | None
     _forwarder: BackendForwarder | None
-    _calls: trio.Nursery
     port: int = 0
     admin_port: int | None = None
     _ready: bool = False
@@ -94,9 +93,11 @@ class Gateway:
     def shutdown(self) -> None:
         """Start a graceful shutdown; ``serve_gateway`` returns once it is done.
 
-        Readiness turns false at once, the listener closes, every client gets
-        1001 after its queue is drained (for at most ``hub.shutdown_timeout``),
-        and in-flight backend calls are then cancelled.
+        Readiness turns false at once, the listener closes, and every client
+        gets 1001 once the answers to its in-flight requests and its queue are
+        written (for at most ``hub.close_timeout`` per client and
+        ``hub.shutdown_timeout`` in all). Backend calls still running then are
+        cancelled.
         """
         self._ready = False
         self._shutdown_requested.set()
@@ -164,17 +165,18 @@ class Gateway:
         )
 
     async def _request(self, reply: Reply, session: Session, message: dict[str, Any]) -> None:
-        payload = message.get("payload")
-        given_trace = payload.get("trace_id") if isinstance(payload, dict) else None
-        has_trace = isinstance(given_trace, str) and bool(given_trace)
-        trace_id = given_trace if has_trace else uuid.uuid4().hex
         try:
             request = parse_request(message).payload
         except WireError as exc:
+            # The refusal carries the client's trace id when it gave a usable
+            # one, so that the client can match it; otherwise a fresh one.
+            payload = message.get("payload")
+            given = payload.get("trace_id") if isinstance(payload, dict) else None
+            trace_id = given if isinstance(given, str) and given else uuid.uuid4().hex
             await reply(session, _response(request_error(trace_id, "bad_request", str(exc))))
             return
-        if not has_trace:
-            request = attrs.evolve(request, trace_id=trace_id)
+        if not request.trace_id:  # absent, null or empty: assign one
+            request = attrs.evolve(request, trace_id=uuid.uuid4().hex)
         forwarder = self._forwarder
         if forwarder is None:
             if self.config.auth.dev_mode:  # echo, as in the dev hub
@@ -194,34 +196,52 @@ class Gateway:
         if refusal is not None:
             await reply(session, _response(refusal))
             return
-        # The call runs beside the connection, so that a slow backend never
+        # The call runs beside the dispatcher, so that a slow backend never
         # holds up this client's next message (a token refresh, say).
-        self._calls.start_soon(self._forward, forwarder, session, request)
+        if not session.start_soon(self._forward, forwarder, session, request):
+            forwarder.release(session)  # the connection has ended: no one to answer
 
     async def _forward(
         self, forwarder: BackendForwarder, session: Session, request: RequestPayload
     ) -> None:
+        """One backend call and its answer; whatever happens, the client gets a response.
+
+        Error handling:
+            A failure in forwarding (a bug) is logged and answered with
+            ``backend_error``; a reply too large for the client's queue is
+            answered with ``backend_reply_too_large``. Nothing escapes: this
+            runs on the session's behalf (``Session.start_soon``).
+        """
+        extra = {**session.log_fields, "trace_id": request.trace_id}
         try:
             response = await forwarder.forward(session, request)
         except Exception:
-            # A bug, but it must cost one answer, not the gateway: this task
-            # runs in the gateway's nursery, beside every connection.
             logger.exception(
-                "request %s.%s: forwarding failed",
-                request.service,
-                request.method,
-                extra={**session.log_fields, "trace_id": request.trace_id},
+                "request %s.%s: forwarding failed", request.service, request.method, extra=extra
             )
             response = request_error(
                 request.trace_id, "backend_error", "forwarding failed; the gateway logged why"
             )
         try:
             await self.hub.to_handler_message(session, _response(response))
-        except HubClosedError:
-            logger.info(
-                "response %s not delivered: the hub is shutting down",
-                request.trace_id,
-                extra={**session.log_fields, "trace_id": request.trace_id},
+        except ValueError as exc:  # over outbound_queue_bytes once encoded
+            self.metrics.backend_errors.labels("backend_reply_too_large").inc()
+            logger.warning(
+                "request %s.%s: reply not sent: %s",
+                request.service,
+                request.method,
+                exc,
+                extra=extra,
+            )
+            await self.hub.to_handler_message(
+                session,
+                _response(
+                    request_error(
+                        request.trace_id,
+                        "backend_reply_too_large",
+                        f"the backend's reply is too large for this connection ({exc})",
+                    )
+                ),
             )
 
 
@@ -246,10 +266,11 @@ async def serve_gateway(
 
     Resource handling:
         Everything runs in this task's nurseries: the hub with its
-        connections, the backend calls with their httpx client, and the admin
-        HTTP server. ``shutdown()`` stops them in order (listener, clients,
-        backend calls, admin API). Cancelling this task stops them too; the
-        hub still closes its clients with 1001, for at most ``hub.shutdown_timeout``.
+        connections (each backend call runs in the nursery of the session
+        that made it), the httpx client, and the admin HTTP server.
+        ``shutdown()`` stops them in order (listener, clients, admin API).
+        Cancelling this task stops them too; the hub still closes its clients
+        with 1001, for at most ``hub.shutdown_timeout``.
 
     Raises:
         ConfigError: a key or certificate file cannot be loaded.
@@ -271,7 +292,6 @@ async def serve_gateway(
     async with (
         httpx.AsyncClient(timeout=backend.timeout, limits=limits) as client,
         trio.open_nursery() as admin_nursery,
-        trio.open_nursery() as calls,
     ):
         gateway: Gateway | None = None
 
@@ -286,7 +306,7 @@ async def serve_gateway(
             forwarder = (
                 BackendForwarder(backend, client, metrics) if backend.url is not None else None
             )
-            gateway = Gateway(config, hub, metrics, verifier, forwarder, calls)
+            gateway = Gateway(config, hub, metrics, verifier, forwarder)
             if config.admin.enabled:
                 gateway.admin_port = await admin_nursery.start(serve_admin, gateway)
             async with trio.open_nursery() as listener:
@@ -300,7 +320,6 @@ async def serve_gateway(
                 logger.info("shutting down: no new connections; closing clients with 1001")
                 listener.cancel_scope.cancel()
             # Leaving open_hub closes every session with 1001 after draining.
-        calls.cancel_scope.cancel()
         admin_nursery.cancel_scope.cancel()
     logger.info("shut down")
 

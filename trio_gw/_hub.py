@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import errno
 import heapq
 import ipaddress
 import itertools
@@ -17,7 +18,7 @@ from typing import Any, NoReturn, TypeAlias
 import attrs
 import orjson
 import trio
-from trio_websocket import Endpoint, WebSocketRequest, WebSocketServer
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
 from ._auth import Authorizer, Handshake, Identity
 from ._backplane import (
@@ -37,6 +38,7 @@ from ._registry import Effect, Registry, SessionAdded, SessionRemoved, UserJoine
 from ._session import Offer, Session
 from ._statistics import Counters, HubStatistics
 from ._targets import Target, ToAll, ToSession, is_local, new_session_id, to_users
+from ._transport import ServerConnection, open_server_connection
 from ._wire import error_message, hello_message
 
 __all__ = ["HandlerManager", "MessageCallback", "Reply", "open_hub", "serve_hub"]
@@ -59,6 +61,20 @@ _MESSAGES_PER_YIELD = 32
 _MIN_OFFERS_PER_YIELD = 4096
 # The heartbeat pings one of this many groups of sessions per tick.
 _HEARTBEAT_BUCKETS = 10
+# trio-websocket's inbound message queue per connection; the session's reader
+# drains it at once into the hub's own bounded inbound channel.
+_WS_MESSAGE_QUEUE_SIZE = 4
+# accept() errors that mean "no descriptors or memory now", not a broken
+# listener: trio's serve_listeners treats the same set this way.
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_ACCEPT_RETRY_DELAY = 0.1
+# Sockets over max_connections that are read and answered 503 at once, and how
+# long each may take; a flood beyond that is closed unanswered.
+_REFUSAL_SLOTS = 16
+_REFUSAL_TIMEOUT = 2.0
+_ACCEPT_ERROR_LOG_INTERVAL = 10
+# What a peer that vanishes can make the libraries under a connection raise.
+_PEER_LEFT = (ConnectionClosed, trio.BrokenResourceError, ConnectionError)
 
 
 class _State(enum.Enum):
@@ -84,6 +100,8 @@ class _Deliver:
     target: Target
     frame: Frame
     remote: bool = False  # came from another node: do not publish it again
+    # A reply: the session that asked, reached even while it drains (unregistered).
+    reply_to: Session | None = None
 
 
 @attrs.frozen
@@ -168,6 +186,7 @@ class HandlerManager:
         self._state = _State.NEW
         self._connections: trio.Nursery | None = None
         self._live_connections = 0
+        self._refusing = 0  # sockets over the limit being answered 503
         self._offers_since_yield = 0
         self._all_connections_ended = trio.Event()
         # (trio deadline, tie-breaker, session id): when sessions' credentials
@@ -299,6 +318,10 @@ class HandlerManager:
             return
         try:
             await callback(self.to_handler_message, handler, decoded)
+        except HubClosedError:
+            # The hub stopped while the callback ran: there is no one to tell.
+            self._counters.drops += 1
+            logger.debug("session %s: callback ended by hub shutdown", handler.session_id)
         except Exception as exc:
             self._counters.callback_errors += 1
             logger.exception(
@@ -318,9 +341,20 @@ class HandlerManager:
         """Send a message to one session: the callback's way to answer.
 
         ``str`` is sent as a text frame as it is, ``bytes`` as a binary frame,
-        anything else JSON-encoded (once) as a text frame.
+        anything else JSON-encoded (once) as a text frame. A session that is
+        closing with a drain (a graceful close, hub shutdown) still gets it; a
+        reply to a session that has gone, or after the hub stopped, is counted
+        in ``drops``.
+
+        Raises:
+            TypeError: ``message`` cannot be JSON-encoded.
+            ValueError: the encoded message exceeds ``outbound_queue_bytes``.
         """
-        await self._send(ToSession(handler.session_id), self._encode(message))
+        frame = self._encode(message)
+        try:
+            await self._send(ToSession(handler.session_id), frame, reply_to=handler)
+        except HubClosedError:
+            self._counters.drops += 1
 
     # --- messages out (nuropb_gw API) ---------------------------------------
 
@@ -433,24 +467,30 @@ class HandlerManager:
             )
         return frame
 
-    async def _send(self, target: Target, frame: Frame) -> None:
-        """Deliver ``frame``: at once if the actor is idle, else through its queue."""
+    async def _send(self, target: Target, frame: Frame, reply_to: Session | None = None) -> None:
+        """Deliver ``frame``: at once if the actor is idle, else through its queue.
+
+        A reply (``reply_to``) is delivered while the hub is shutting down too,
+        so that a draining session still gets its answers.
+        """
         budget = max(_MIN_OFFERS_PER_YIELD, _MESSAGES_PER_YIELD * self._registry.session_count)
         if self._offers_since_yield >= budget:
             self._offers_since_yield = 0
             await trio.lowlevel.checkpoint()
         else:
             await trio.lowlevel.checkpoint_if_cancelled()
-        self._check_running(False)
+        self._check_running(reply_to is not None)
         # Checked after any yield, and nothing awaits between the check and the
         # delivery: if nothing is queued ahead of this send, delivering it here
         # is exactly what the actor would do next (same code, same order, one
         # task switch fewer). It only reads the registry; a slow consumer it
         # finds is closed, and its unregistering is left to the actor.
         if self._actor_idle():
-            self._deliver(target, frame, remote=False, in_actor=False)
+            self._deliver(target, frame, remote=False, in_actor=False, reply_to=reply_to)
             return
-        await self._submit(_Deliver(target, frame))
+        await self._submit(
+            _Deliver(target, frame, reply_to=reply_to), internal=reply_to is not None
+        )
 
     def _actor_idle(self) -> bool:
         # Empty queue and the actor parked in receive(): no command is pending.
@@ -611,8 +651,8 @@ class HandlerManager:
 
     def _handle(self, command: _Command) -> None:
         match command:
-            case _Deliver(target=target, frame=frame, remote=remote):
-                self._deliver(target, frame, remote, in_actor=True)
+            case _Deliver(target=target, frame=frame, remote=remote, reply_to=reply_to):
+                self._deliver(target, frame, remote, in_actor=True, reply_to=reply_to)
             case _Register(session=session):
                 self._on_register(session)
             case _Unregister(session=session, close=close):
@@ -622,9 +662,23 @@ class HandlerManager:
             case _Flush(reply=reply):
                 reply.send_nowait(None)
 
-    def _deliver(self, target: Target, frame: Frame, remote: bool, *, in_actor: bool) -> None:
+    def _deliver(
+        self,
+        target: Target,
+        frame: Frame,
+        remote: bool,
+        *,
+        in_actor: bool,
+        reply_to: Session | None = None,
+    ) -> None:
         recipients = self._registry.resolve(target)
         counters = self._counters
+        if not recipients and reply_to is not None and reply_to.closing:
+            # Unregistered because it is closing: a draining session still
+            # takes the replies to what its client sent (GONE once it is not).
+            if reply_to._offer_nowait(frame) is not Offer.QUEUED:
+                counters.drops += 1
+            return
         if not in_actor:
             self._offers_since_yield += len(recipients)
         for _session_id, session in recipients:
@@ -685,7 +739,10 @@ class HandlerManager:
         if close:
             session._request_close(CloseCode.NORMAL, "unregistered", drain=True)
         else:
+            # The connection has ended (or is being cut off as a slow consumer):
+            # nothing more is written, and what is still queued never will be.
             session._out_send.close()
+            self._counters.drops += session._discard_queued()
 
     def _on_close(self, target: Target, code: int, reason: str, drain: bool, remote: bool) -> None:
         for session_id, session in self._registry.resolve(target):
@@ -726,57 +783,133 @@ class HandlerManager:
 
     # --- connections -----------------------------------------------------------
 
-    async def _handle_request(self, request: WebSocketRequest) -> None:
-        """Authorize one handshake and run the session; the trio-websocket handler."""
+    async def _accept_loop(self, listener: trio.abc.Listener[trio.abc.Stream]) -> NoReturn:
+        """Accept clients on one listener; each runs in its own task and error boundary.
+
+        A socket counts against ``max_connections`` from the moment it is
+        accepted, so silent or half-open sockets cannot pile up. Above the
+        limit (or while shutting down), up to ``_REFUSAL_SLOTS`` sockets at a
+        time are answered 503 within ``_REFUSAL_TIMEOUT``; the others are
+        closed at once.
+
+        Error handling:
+            EMFILE, ENFILE, ENOBUFS and ENOMEM are counted in ``accept_errors``
+            and logged once per ``_ACCEPT_ERROR_LOG_INTERVAL``; accepting goes
+            on after a short pause. Any other ``OSError`` ends the listener.
+        """
         counters, config = self._counters, self._config
-        if self._state is not _State.RUNNING:
-            await self._reject(request, 503, "shutting_down", "hub is shutting down")
-            return
-        if self._live_connections >= config.max_connections:
-            await self._reject(request, 503, "connection_limit", "connection limit reached")
-            return
-        self._live_connections += 1
-        counters.handshakes_in_progress += 1
+        connections, limit = self._connections, config.max_connections
+        assert connections is not None
+        logged_at = -math.inf
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    counters.accept_errors += 1
+                    if trio.current_time() - logged_at >= _ACCEPT_ERROR_LOG_INTERVAL:
+                        logged_at = trio.current_time()
+                        logger.error(
+                            "accept failed: %s (%d connections open, max_connections %d); "
+                            "new clients wait until descriptors free up. Raise the process's "
+                            "file limit (ulimit -n) or lower max_connections. "
+                            "(Logged once per %ds; %d failures so far.)",
+                            exc.strerror,
+                            self._live_connections,
+                            config.max_connections,
+                            _ACCEPT_ERROR_LOG_INTERVAL,
+                            counters.accept_errors,
+                        )
+                    await trio.sleep(_ACCEPT_RETRY_DELAY)
+                    continue
+                if self._state is _State.RUNNING and self._live_connections < limit:
+                    self._live_connections += 1
+                    counters.handshakes_in_progress += 1
+                    connections.start_soon(self._serve_connection, stream)
+                elif self._refusing < _REFUSAL_SLOTS:
+                    # A few sockets over the limit are read, so that their
+                    # clients get a 503 they can act on; the rest are closed.
+                    self._refusing += 1
+                    connections.start_soon(self._refuse_connection, stream)
+                else:
+                    counters.rejected_handshakes[
+                        "connection_limit" if self._state is _State.RUNNING else "shutting_down"
+                    ] += 1
+                    await trio.aclose_forcefully(stream)
+
+    async def _serve_connection(self, stream: trio.abc.Stream) -> None:
+        """Run one accepted connection, from its handshake to its close.
+
+        This is the connection's error boundary: every task of the connection
+        (trio-websocket's reader, the session's reader, writer and dispatcher)
+        runs in a nursery inside it.
+
+        Error handling:
+            Nothing raised here reaches the hub's nursery, except cancellation.
+            A peer that leaves during the handshake is counted in
+            ``handshakes_aborted``. Any other exception, a bug in the hub or in
+            a library under it, is logged once with the session id (or the
+            peer's address), counted in ``connection_errors``, and the
+            connection is closed: with a 1011 close frame if it is still open
+            and the socket takes one at once, else by closing the socket.
+        """
+        counters, config = self._counters, self._config
+        peer = _peer_address(stream)
         in_handshake = True
         session: Session | None = None
         try:
-            remote = request.remote
-            peer = (str(remote.address), remote.port) if isinstance(remote, Endpoint) else None
-            handshake = Handshake.from_request(request.path, request.headers, peer)
-            origin = handshake.headers.get("origin")
-            if not self._origins.allows(origin):
-                await self._reject(request, 403, "origin", f"origin not allowed: {origin}")
-                return
-            identity = await self._authorize(request, handshake)
-            if identity is None:
-                return
-            ws = await request.accept()
-            counters.handshakes_in_progress -= 1
-            in_handshake = False
-            session = Session._create(
-                session_id=new_session_id(self._instance_id),
-                identity=identity,
-                remote=peer,
-                ws=ws,
-                hub=self,
-                config=config,
-            )
-            try:
-                await session._run()
-            except Exception:
-                # A bug in the hub or an exception that escaped the backend: it
-                # ends this connection only, never the hub and its other clients.
-                logger.exception(
-                    "session %s (user %s) failed; closing it with %d",
-                    session.session_id,
-                    session.user_id,
-                    CloseCode.SERVER_ERROR,
-                    extra=session.log_fields,
-                )
-                await session._close_after_failure()
+            async with trio.open_nursery() as nursery:
+                with trio.move_on_after(config.handshake_timeout) as reading:
+                    connection = await open_server_connection(
+                        nursery,
+                        stream,
+                        message_queue_size=_WS_MESSAGE_QUEUE_SIZE,
+                        max_message_size=config.max_message_size,
+                    )
+                if connection is None:
+                    self._handshake_failed(peer, timed_out=reading.cancelled_caught)
+                else:
+                    ws = connection.ws
+                    accepted = await self._answer_handshake(connection, peer)
+                    counters.handshakes_in_progress -= 1
+                    in_handshake = False
+                    if accepted is not None:
+                        ws, identity = accepted
+                        session = Session._create(
+                            session_id=new_session_id(self._instance_id),
+                            identity=identity,
+                            remote=peer,
+                            ws=ws,
+                            hub=self,
+                            config=config,
+                        )
+                        try:
+                            await session._run()
+                        except* Exception as failure:
+                            # trio-websocket's reader still runs: close with 1011
+                            # and finish the close handshake.
+                            self._connection_failed(failure, session, peer)
+                            await session._close_after_failure()
+                    if ws is not None:
+                        # The end of the close handshake (or of a refusal), as
+                        # trio-websocket's own server does it.
+                        with trio.move_on_after(config.close_timeout):
+                            await ws.aclose()
+                nursery.cancel_scope.cancel()
+        except* Exception as failure:
+            # trio-websocket's reader (or the handshake) failed: every task of
+            # the connection is gone; the client gets 1011 if the socket takes it.
+            self._connection_failed(failure, session, peer)
+            if session is not None:
+                request = session._fail()
+                session._writer.write_close_nowait(request.code, request.reason)
         finally:
             if in_handshake:
                 counters.handshakes_in_progress -= 1
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
             if session is not None:
                 session._ended = True
                 counters.closes_by_code[session.close_code] += 1
@@ -790,6 +923,101 @@ class HandlerManager:
             self._live_connections -= 1
             if self._live_connections == 0 and self._state is not _State.RUNNING:
                 self._all_connections_ended.set()
+
+    async def _refuse_connection(self, stream: trio.abc.Stream) -> None:
+        """Answer a socket over the connection limit with 503 (error boundary as above)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                with trio.move_on_after(_REFUSAL_TIMEOUT):
+                    connection = await open_server_connection(
+                        nursery, stream, message_queue_size=1, max_message_size=1024
+                    )
+                    if connection is not None:
+                        if self._state is _State.RUNNING:
+                            await self._reject(
+                                connection.request,
+                                503,
+                                "connection_limit",
+                                "connection limit reached",
+                            )
+                        else:
+                            await self._reject(
+                                connection.request, 503, "shutting_down", "hub is shutting down"
+                            )
+                nursery.cancel_scope.cancel()
+        except* Exception as failure:
+            self._connection_failed(failure, None, _peer_address(stream))
+        finally:
+            self._refusing -= 1
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+
+    def _handshake_failed(self, peer: tuple[str, int] | None, *, timed_out: bool) -> None:
+        counters = self._counters
+        if timed_out:
+            counters.rejected_handshakes["handshake_timeout"] += 1
+            logger.info("handshake from %s: no request within the handshake timeout", peer)
+        else:
+            counters.handshakes_aborted += 1
+            logger.debug("handshake from %s: the peer left or sent a malformed request", peer)
+
+    def _connection_failed(
+        self, failure: BaseExceptionGroup[Exception], session: Session | None, peer: object
+    ) -> None:
+        _, unexpected = failure.split(_PEER_LEFT)
+        if unexpected is None:
+            # The peer vanished at a moment the libraries under us did not expect.
+            logger.debug("connection from %s: the peer left (%r)", peer, failure.exceptions)
+            if session is None:
+                self._counters.handshakes_aborted += 1
+            return
+        self._counters.connection_errors += 1
+        who = f"session {session.session_id} (user {session.user_id!r})" if session else peer
+        logger.error(
+            "connection %s failed; closing it with %d",
+            who,
+            CloseCode.SERVER_ERROR,
+            exc_info=unexpected,
+            extra=session.log_fields if session is not None else {},
+        )
+
+    async def _answer_handshake(
+        self, connection: ServerConnection, peer: tuple[str, int] | None
+    ) -> tuple[WebSocketConnection, Identity] | None:
+        """Check the request, run the authorizer, and accept or refuse.
+
+        Returns:
+            The open connection and who it is, or None if it was refused (the
+            refusal is answered and counted here) or the peer left meanwhile.
+        """
+        request = connection.request
+        if self._state is not _State.RUNNING:
+            await self._reject(request, 503, "shutting_down", "hub is shutting down")
+            return None
+        protocol = connection.protocol
+        if protocol is not None and protocol.http_version != b"1.1":
+            await self._reject(
+                request, 400, "bad_request", "a WebSocket upgrade needs HTTP/1.1 (RFC 6455 4.1)"
+            )
+            return None
+        try:
+            handshake = Handshake.from_request(request.path, request.headers, peer)
+        except ValueError as exc:
+            await self._reject(request, 400, "bad_request", f"bad request: {exc}")
+            return None
+        origin = handshake.headers.get("origin")
+        if not self._origins.allows(origin):
+            await self._reject(request, 403, "origin", f"origin not allowed: {origin}")
+            return None
+        identity = await self._authorize(request, handshake)
+        if identity is None:
+            return None
+        try:
+            ws = await request.accept()
+        except ConnectionClosed:
+            self._counters.handshakes_aborted += 1
+            return None
+        return ws, identity
 
     async def _authorize(self, request: WebSocketRequest, handshake: Handshake) -> Identity | None:
         """Run the authorizer; answer the refusal itself and return None if refused."""
@@ -822,12 +1050,16 @@ class HandlerManager:
 
     async def _reject(self, request: WebSocketRequest, status: int, why: str, body: str) -> None:
         self._counters.rejected_handshakes[why] += 1
-        logger.info("handshake from %s refused: %d %s", request.remote, status, body)
-        await request.reject(
-            status,
-            extra_headers=[(b"content-type", b"text/plain; charset=utf-8")],
-            body=body.encode(),
-        )
+        logger.info("handshake refused: %d %s", status, body)
+        try:
+            with trio.move_on_after(self._config.close_timeout):
+                await request.reject(
+                    status,
+                    extra_headers=[(b"content-type", b"text/plain; charset=utf-8")],
+                    body=body.encode(),
+                )
+        except ConnectionClosed:
+            pass  # the peer left; it was refused all the same
 
     async def _shutdown(self) -> None:
         """Close every session with 1001, draining their queues, within the grace period."""
@@ -968,25 +1200,43 @@ async def serve_hub(
         listeners = await trio.open_ssl_over_tcp_listeners(
             port, ssl_context, host=host, https_compatible=True
         )
-    server = WebSocketServer(
-        hub._handle_request,
-        listeners,
-        handler_nursery=hub._connections,
-        message_queue_size=4,
-        max_message_size=hub.config.max_message_size,
-        connect_timeout=hub.config.handshake_timeout,
-        disconnect_timeout=hub.config.close_timeout,
-    )
-    bound = server.listeners[0]
-    bound_port = bound.port if isinstance(bound, Endpoint) else port
+    addresses = [_listener_address(listener) for listener in listeners]
+    scheme = "ws" if ssl_context is None else "wss"
     async with trio.open_nursery() as nursery:
-        await nursery.start(server.run)
+        for listener in listeners:
+            nursery.start_soon(hub._accept_loop, listener)
         logger.info(
             "hub %s (%s) listening on %s",
             hub.instance_id,
             hub.service_name,
-            ", ".join(str(listener) for listener in server.listeners),
+            ", ".join(
+                f"{scheme}://[{a}]:{p}/" if ":" in a else f"{scheme}://{a}:{p}/"
+                for a, p in addresses
+            ),
         )
-        task_status.started(bound_port)
+        task_status.started(addresses[0][1])
         await trio.sleep_forever()
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _listener_address(
+    listener: trio.SocketListener | trio.SSLListener[trio.SocketStream],
+) -> tuple[str, int]:
+    inner = listener.transport_listener if isinstance(listener, trio.SSLListener) else listener
+    if not isinstance(inner, trio.SocketListener):  # pragma: no cover - built above
+        raise TypeError(f"not a socket listener: {inner!r}")
+    name = inner.socket.getsockname()
+    return str(name[0]), int(name[1])
+
+
+def _peer_address(stream: trio.abc.Stream) -> tuple[str, int] | None:
+    """The peer's address, or None if the socket was reset before we asked."""
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if not isinstance(stream, trio.SocketStream):
+        return None
+    try:
+        name = stream.socket.getpeername()
+    except OSError:
+        return None  # ENOTCONN: reset between accept and now
+    return str(name[0]), int(name[1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +15,19 @@ from ._gateway_config import AuthConfig
 
 __all__ = ["JwtVerifier", "jwt_authorizer"]
 
+# 9999-12-31T23:59:59Z: the last NumericDate that date libraries (and people)
+# can represent; a later ``exp`` is a bug or an attack, not a long-lived token.
+_MAX_NUMERIC_DATE = 253_402_300_799
+
 
 class JwtVerifier:
     """Verifies tokens signed with the one algorithm and key(s) of an ``[auth]`` section.
 
     Only the configured algorithm is accepted, so ``alg: none`` and algorithm
     confusion (an HS256 token "signed" with an RSA public key as its secret)
-    are refused by construction. ``exp`` and ``sub`` are required.
+    are refused by construction. ``exp`` and ``sub`` are required; ``sub``
+    must not be blank or hold control characters, and ``exp`` must be a number
+    no later than the year 9999.
 
     Args:
         config: The ``[auth]`` section; ``jwt_algorithm`` must be set.
@@ -114,6 +121,8 @@ class JwtVerifier:
             )
         except jwt.ExpiredSignatureError:
             raise AuthRefused(401, "token expired") from None
+        except jwt.ImmatureSignatureError:
+            raise AuthRefused(401, "token not valid yet ('nbf' or 'iat' in the future)") from None
         except jwt.InvalidAudienceError:
             raise AuthRefused(401, "token audience not accepted") from None
         except jwt.InvalidIssuerError:
@@ -129,12 +138,20 @@ class JwtVerifier:
         except jwt.PyJWTError as exc:
             raise AuthRefused(401, f"invalid token ({type(exc).__name__})") from None
         subject = claims.get("sub")
-        if not isinstance(subject, str) or not subject:
-            raise AuthRefused(401, "token 'sub' claim must be a non-empty string")
+        if not isinstance(subject, str) or not subject.strip():
+            raise AuthRefused(401, "token 'sub' claim must be a non-blank string")
+        if any(unicodedata.category(char) == "Cc" for char in subject):
+            # No real user id holds one, and the user id is shown in log lines
+            # and the dashboard, where a "\n" would pass for a line of its own.
+            raise AuthRefused(401, "token 'sub' claim must not contain control characters")
         username = claims.get(config.username_claim)
         exp = claims["exp"]
-        if not isinstance(exp, int | float):  # pragma: no cover - pyjwt checks exp is a number
+        # pyjwt accepts a numeric string ("exp": "1800000000") and integers of
+        # any size; 10**400 has no float value, so it would fail below as a 500.
+        if not isinstance(exp, int | float):
             raise AuthRefused(401, "token 'exp' claim must be a number")
+        if exp > _MAX_NUMERIC_DATE:
+            raise AuthRefused(401, "token 'exp' claim is out of range (after the year 9999)")
         return Identity(
             subject,
             username if isinstance(username, str) and username else subject,

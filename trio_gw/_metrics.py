@@ -54,6 +54,17 @@ class _HubCollector(Collector):
             ),
             ("callback_errors", "Message handler calls that raised.", s.callback_errors),
             ("bad_messages", "Client messages that were not valid JSON.", s.bad_messages),
+            (
+                "connection_errors",
+                "Connections ended by an unexpected error (logged, closed with 1011).",
+                s.connection_errors,
+            ),
+            (
+                "handshakes_aborted",
+                "Connections whose peer left before the opening handshake was answered.",
+                s.handshakes_aborted,
+            ),
+            ("accept_errors", "accept() failures for lack of descriptors.", s.accept_errors),
         ):
             yield CounterMetricFamily(f"trio_gw_{name}", doc, value)
         rejected = CounterMetricFamily(

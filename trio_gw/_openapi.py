@@ -24,6 +24,8 @@ def _responses(ok: str, *errors: int) -> dict[str, Any]:
     descriptions = {
         400: "The body or a query parameter is invalid; `detail` names the field.",
         401: "Missing or wrong API key.",
+        403: "Refused as coming from a web page: a Host that is not the admin API's "
+        "(DNS rebinding), or a state-changing request from another Origin.",
         404: "No such session on this hub.",
         413: "The message is larger than any client queue can hold.",
         503: "The hub is shutting down, or its command queue is full (retry later).",
@@ -31,6 +33,7 @@ def _responses(ok: str, *errors: int) -> dict[str, Any]:
     responses: dict[str, Any] = {
         "200": {"description": "OK", "content": _json_content(_ref(ok))},
         "401": {"description": descriptions[401], "content": _json_content(_ref("Error"))},
+        "403": {"description": descriptions[403], "content": _json_content(_ref("Error"))},
     }
     for status in errors:
         responses[str(status)] = {
@@ -222,6 +225,9 @@ def _schemas() -> dict[str, Any]:
                         "slow_consumer_closes",
                         "callback_errors",
                         "bad_messages",
+                        "connection_errors",
+                        "handshakes_aborted",
+                        "accept_errors",
                         "backend_inflight",
                         "backend_max_inflight",
                     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -16,7 +16,7 @@ from ._auth import Identity
 from ._close_codes import CloseCode
 from ._config import HubConfig
 from ._frames import Frame
-from ._transport import FrameWriter, make_writer
+from ._transport import CloseWrite, FrameWriter, make_writer
 
 if TYPE_CHECKING:
     from ._hub import HandlerManager
@@ -112,6 +112,8 @@ class Session:
     _started_at: float = attrs.Factory(trio.current_time)
     _expires_at: float | None = None  # trio clock; set by the hub from identity.valid_until
     _ended: bool = False
+    _tasks: int = 0  # started with start_soon and still running
+    _tasks_idle: trio.Event | None = None  # made only while someone waits for them
 
     @classmethod
     def _create(
@@ -181,6 +183,59 @@ class Session:
         closed = self._ws.closed
         return closed.code if closed is not None else 1006
 
+    def start_soon(self, async_fn: Callable[..., Awaitable[object]], *args: object) -> bool:
+        """Run a task on this session's behalf, beside its dispatcher.
+
+        For work a message starts that should not hold up the client's next
+        message, such as a backend call. A graceful close (and hub shutdown)
+        waits for it, up to ``close_timeout``, so that its reply is still
+        delivered; once the connection has ended it is cancelled.
+
+        Returns:
+            False, and nothing is started, if the session has ended.
+
+        Error handling:
+            An exception it raises is logged with the session id and counted
+            in ``callback_errors``; it never ends the connection or reaches the hub.
+        """
+        if self._nursery is None or self._ended:
+            return False
+        try:
+            self._nursery.start_soon(self._run_task, async_fn, args)
+        except RuntimeError:  # the nursery is closing: the connection has ended
+            return False
+        self._tasks += 1
+        return True
+
+    async def _run_task(
+        self, async_fn: Callable[..., Awaitable[object]], args: tuple[object, ...]
+    ) -> None:
+        try:
+            await async_fn(*args)
+        except Exception:
+            self._hub._counters.callback_errors += 1
+            logger.exception(
+                "session %s (user %s): task %s raised",
+                self.session_id,
+                self.user_id,
+                getattr(async_fn, "__qualname__", async_fn),
+                extra=self.log_fields,
+            )
+        finally:
+            self._tasks -= 1
+            if self._tasks == 0 and self._tasks_idle is not None:
+                self._tasks_idle.set()
+                self._tasks_idle = None
+
+    async def _wait_for_work(self) -> None:
+        """Wait until the dispatcher and every ``start_soon`` task are done."""
+        if self._dispatcher_done is not None:
+            await self._dispatcher_done.wait()
+        while self._tasks:
+            if self._tasks_idle is None:
+                self._tasks_idle = trio.Event()
+            await self._tasks_idle.wait()
+
     # --- called by the hub actor: synchronous, never waits -------------------
 
     def _offer_nowait(self, frame: Frame) -> Offer:
@@ -197,13 +252,34 @@ class Session:
         return Offer.QUEUED
 
     def _request_close(self, code: int, reason: str, *, drain: bool) -> None:
-        """Start closing; the actor has already unregistered the session."""
+        """Start closing; the actor has already unregistered the session.
+
+        With ``drain``, what is queued is still written, and so are the replies
+        of the messages the client sent before (see ``_close_procedure``).
+        Without it, nothing more is written but the close frame.
+        """
         if self._close is not None or self._ended:
             return
         self._close = _CloseRequest(code, reason, drain)
-        self._out_send.close()
+        # The session takes no new client messages; those already received are
+        # still handed to the callback.
+        self._in_send.close()
+        if not drain:
+            self._out_send.close()
         if self._nursery is not None:
             self._nursery.start_soon(self._close_procedure)
+
+    def _discard_queued(self) -> int:
+        """Drop every frame still queued (the connection has ended); returns how many."""
+        dropped = 0
+        while True:
+            try:
+                self._out_recv.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            dropped += 1
+        self._queued_bytes = 0
+        return dropped
 
     # --- the session's own tasks ----------------------------------------------
 
@@ -220,17 +296,24 @@ class Session:
             if self._close is not None:
                 await self._close_done.wait()
             # Messages the client sent before it left are still processed
-            # (their side effects may matter), but not for longer than a close may take.
-            if self._dispatcher_done is not None:
-                with trio.move_on_after(config.close_timeout):
-                    await self._dispatcher_done.wait()
+            # (their side effects may matter), but not for longer than a close
+            # may take; their replies are counted as drops.
+            with trio.move_on_after(config.close_timeout):
+                await self._wait_for_work()
             nursery.cancel_scope.cancel()
 
     async def _read_loop(self) -> None:
+        # Reading goes on until the connection ends, even once the session is
+        # closing: trio-websocket's reader answers pings and the close handshake
+        # only while someone takes its messages.
         ws, inbound, counters = self._ws, self._in_send, self._hub._counters
         try:
             while True:
                 message = await ws.get_message()
+                if self._close is not None:
+                    counters.messages_in += 1
+                    counters.drops += 1  # arrived after the hub began closing the session
+                    continue
                 if self._dispatcher_done is None:
                     # Started on the first message: many connections only
                     # listen, and an idle task per connection costs memory.
@@ -249,8 +332,12 @@ class Session:
                     self._reader_blocked = True
                     try:
                         await inbound.send(message)
+                    except trio.ClosedResourceError:
+                        counters.drops += 1  # the session began closing meanwhile
                     finally:
                         self._reader_blocked = False
+                except trio.ClosedResourceError:
+                    counters.drops += 1
         except ConnectionClosed:
             pass
         finally:
@@ -302,8 +389,12 @@ class Session:
                 # An idle writer must not keep its last batch alive.
                 batch = frame = None  # type: ignore[assignment]
                 if not written:
-                    counters.drops += count
-                    self._transport_lost()
+                    # The client is gone or closing: what is queued, and what
+                    # is offered from now on, is counted as dropped. The reader
+                    # and the dispatcher go on, so that what the client sent
+                    # before it left is still processed.
+                    counters.drops += count + self._discard_queued()
+                    recv.close()
                     return
                 counters.messages_out += count
                 counters.bytes_out += size
@@ -311,13 +402,6 @@ class Session:
                     return
         finally:
             self._writer_done.set()
-
-    def _transport_lost(self) -> None:
-        # The socket broke or the client started closing. trio-websocket's
-        # reader sees that too, but if it is parked (its queue full) nothing
-        # would end the session: end it here unless a close is under way.
-        if self._close is None and self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
 
     def _start_ping(self) -> None:
         """Ping the client in a short-lived task (called by the hub's heartbeat).
@@ -354,31 +438,66 @@ class Session:
             )
             await self._hub._close_session(self, CloseCode.NO_PONG, "no pong")
 
-    async def _close_after_failure(self) -> None:
-        """Close with 1011 after an unexpected error ended the session's tasks."""
+    def _fail(self) -> _CloseRequest:
+        """Note that an unexpected error ended the session's tasks; it closes with 1011."""
         if self._close is None:
             self._close = _CloseRequest(CloseCode.SERVER_ERROR, "server error", drain=False)
+            self._in_send.close()
+            self._out_send.close()
+        return self._close
+
+    async def _close_after_failure(self) -> None:
+        """Close with 1011 once an unexpected error ended the session's tasks.
+
+        trio-websocket's reader still runs, so the close handshake can finish.
+        """
+        request = self._fail()
+        writer = self._writer
+        sent = writer.write_close_nowait(request.code, request.reason)
+        if sent is CloseWrite.BLOCKED and writer.exact:
+            await trio.aclose_forcefully(self._ws)  # a close frame would follow half a frame
+            return
         with trio.move_on_after(self._config.close_timeout) as scope:
-            await self._ws.aclose(self._close.code, self._close.reason)
+            await self._ws.aclose(request.code, request.reason)
         if scope.cancelled_caught:
             await trio.aclose_forcefully(self._ws)
 
     async def _close_procedure(self) -> None:
+        """Close the connection as ``_request_close`` asked.
+
+        Draining: wait for the dispatcher to finish what the client sent before
+        (its replies are still delivered), then for the writer to write the
+        queue, then send the close frame. Whatever does not fit in
+        ``close_timeout`` is dropped and counted.
+
+        A writer that cannot finish (not draining, or a client that stopped
+        reading) is cut off: the close frame follows the last whole frame if the
+        socket takes it at once, so the client learns the code; otherwise the
+        TCP connection is aborted and the client sees 1006.
+        """
         request = self._close
         assert request is not None
         timeout = self._config.close_timeout
+        deadline = trio.current_time() + timeout
         try:
-            with trio.move_on_after(timeout):
+            with trio.move_on_at(deadline):
+                if request.drain:
+                    await self._wait_for_work()
+                # Nothing can be offered any more: the session is unregistered
+                # and its callbacks are done. Without a drain, the writer stops
+                # after the write it is in.
+                self._out_send.close()
                 await self._writer_done.wait()
-            dropped = self._out_recv.statistics().current_buffer_used
-            self._hub._counters.drops += dropped
-            if not self._writer_done.done:
-                # The client is not reading: a frame may be half written, so a
-                # close frame cannot follow it. Abort the TCP connection instead;
-                # closing the stream also ends the writer's blocked send.
+            self._out_send.close()
+            if (
+                not self._writer_done.done
+                and self._writer.write_close_nowait(request.code, request.reason)
+                is CloseWrite.BLOCKED
+            ):
+                # Closing the stream also ends the writer's blocked write.
                 await trio.aclose_forcefully(self._ws)
                 return
-            with trio.move_on_after(timeout) as scope:
+            with trio.move_on_at(deadline + timeout) as scope:
                 await self._ws.aclose(request.code, request.reason)
             if scope.cancelled_caught:
                 await trio.aclose_forcefully(self._ws)

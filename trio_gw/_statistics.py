@@ -32,8 +32,14 @@ class HubStatistics:
         slow_consumer_closes: Connections closed because their outbound queue overflowed.
         rejected_handshakes: Handshakes refused before the upgrade, by reason.
         closes_by_code: Ended connections, by the close code the connection ended with.
-        callback_errors: Backend callbacks that raised.
+        callback_errors: Backend callbacks (and tasks run on a session's behalf) that raised.
         bad_messages: Client messages that were not valid JSON.
+        connection_errors: Connections ended by an unexpected error in the hub
+            or a library under it; each is logged once and closed with 1011.
+        handshakes_aborted: Connections whose peer left, reset or broke TLS
+            before the opening handshake was answered.
+        accept_errors: ``accept()`` calls that failed for lack of file
+            descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM).
     """
 
     connections: int
@@ -52,6 +58,9 @@ class HubStatistics:
     closes_by_code: Mapping[int, int]
     callback_errors: int
     bad_messages: int
+    connection_errors: int
+    handshakes_aborted: int
+    accept_errors: int
 
     @property
     def rejected_handshakes_total(self) -> int:
@@ -77,6 +86,9 @@ class Counters:
     closes_by_code: Counter[int] = attrs.field(factory=Counter)
     callback_errors: int = 0
     bad_messages: int = 0
+    connection_errors: int = 0
+    handshakes_aborted: int = 0
+    accept_errors: int = 0
 
     def snapshot(self, *, connections: int, users: int) -> HubStatistics:
         """Freeze the counters, with the registry's gauges."""
@@ -97,4 +109,7 @@ class Counters:
             closes_by_code=MappingProxyType(dict(self.closes_by_code)),
             callback_errors=self.callback_errors,
             bad_messages=self.bad_messages,
+            connection_errors=self.connection_errors,
+            handshakes_aborted=self.handshakes_aborted,
+            accept_errors=self.accept_errors,
         )

@@ -1,57 +1,275 @@
-"""Writing queued frames to a trio-websocket connection, fast or portably.
+"""The one module that touches trio-websocket internals: server connections and fast writes.
 
-This is the only module that touches trio-websocket internals. trio-websocket's
-``send_message`` costs about 30 µs per message: a lock, trio checkpoints and a
-syscall for every frame. The fast writer instead writes frames that
-``_frames.encode_frame`` built once, and joins everything a connection has
-queued into one ``send_all``. To stay correct beside trio-websocket's own
-reader (which answers pings and close frames) it takes the connection's stream
-lock and writes only while the protocol state is OPEN, just as
-``WebSocketConnection._send`` does.
+**Server connections.** ``open_server_connection`` builds trio-websocket's
+``WebSocketConnection`` around an accepted stream with a wsproto connection of
+our own (``ServerProtocol``), and runs its reader task in the caller's nursery,
+so that every task of a connection lives inside that connection's error
+boundary. ``ServerProtocol`` works around three trio-websocket 0.12.2 bugs with
+wsproto's public API only:
 
-The internals it relies on (checked by ``fast_writer_supported`` and by
-``tests/test_transport.py`` against the pinned trio-websocket version):
+* a ping that arrives after the server sent its close frame makes
+  trio-websocket answer with a pong, which wsproto refuses in LOCAL_CLOSING with
+  ``LocalProtocolError`` (so does a too-large message then: a 1009 close frame);
+  control frames that can no longer be sent are dropped instead;
+* a frame wsproto cannot parse (bad RSV bits, an unmasked or oversized control
+  frame, invalid UTF-8, ...) ends the connection without the 1002/1007 close
+  frame that RFC 6455 section 7.1.7 asks for; it is sent now;
+* an HTTP/1.0 upgrade request is accepted; ``http_version`` lets the hub refuse
+  it with 400 (RFC 6455 section 4.1 requires HTTP/1.1).
+
+trio-websocket's own reader also lets ``ConnectionClosed`` escape when its 400
+for a malformed upgrade meets a reset socket; ``open_server_connection``
+contains that.
+
+**Fast writes.** trio-websocket's ``send_message`` costs about 30 µs per
+message: a lock, trio checkpoints and a syscall for every frame. The fast
+writer instead writes frames that ``_frames.encode_frame`` built once, and joins
+everything a connection has queued into one write. To stay correct beside
+trio-websocket's reader (which answers pings and close frames) it takes the
+connection's stream lock and writes only while the protocol state is OPEN, just
+as ``WebSocketConnection._send`` does. On a plain TCP socket it writes with
+non-blocking ``os.write`` calls and waits with ``trio.lowlevel.wait_writable``,
+so it always knows how much of a frame went out: a stalled client can then
+still be sent its close frame after a whole frame.
+
+The internals it relies on (checked by ``fast_writer_supported``,
+``server_internals_supported`` and by ``tests/test_transport.py`` against the
+pinned trio-websocket version):
 
 * ``WebSocketConnection._stream``: the ``trio.abc.Stream`` under the connection;
 * ``WebSocketConnection._stream_lock``: the ``trio.StrictFIFOLock`` serialising writes;
-* ``WebSocketConnection._wsproto``: the ``wsproto.WSConnection`` with its ``state``.
+* ``WebSocketConnection._wsproto``: the ``wsproto.WSConnection`` with its ``state``;
+* ``WebSocketConnection._reader_task`` and ``_get_request``: what the public
+  ``wrap_server_stream`` calls.
 
-On a plain TCP stream the writer first tries one non-blocking ``os.write`` on
-the socket's file descriptor (public: ``SocketStream.socket.fileno()``) and
-hands only what did not fit to ``send_all``.
-
-If any of them is missing the hub falls back to ``PortableWriter``, which uses
-only the public API, and logs a warning once.
+If any of them is missing the hub falls back to the public API
+(``PortableWriter``, ``wrap_server_stream``) and logs a warning once.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
+from collections.abc import Generator
 from typing import Protocol
 
 import trio
 import trio_websocket
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
+from wsproto.events import CloseConnection, Event, Message, Ping, Pong
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from ._frames import Frame
 
 __all__ = [
     "TESTED_TRIO_WEBSOCKET",
+    "CloseWrite",
     "FastWriter",
     "FrameWriter",
     "PortableWriter",
+    "ServerConnection",
+    "ServerProtocol",
     "fast_writer_supported",
     "make_writer",
+    "open_server_connection",
+    "server_internals_supported",
 ]
 
 logger = logging.getLogger("trio_gw")
 
-#: The trio-websocket release whose internals the fast writer was checked against.
+#: The trio-websocket release whose internals this module was checked against.
 TESTED_TRIO_WEBSOCKET = "0.12.2"
 
-_warned = False
+# The request line is kept only to read its HTTP version; h11 refuses a
+# request head larger than this anyway.
+_MAX_REQUEST_LINE = 16 * 1024
+
+_warned: set[str] = set()
+
+
+def _warn_once(what: str) -> None:
+    if what not in _warned:
+        _warned.add(what)
+        logger.warning(
+            "trio-websocket %s lacks the internals the %s needs (tested with %s); "
+            "using its public API instead",
+            trio_websocket.__version__,
+            what,
+            TESTED_TRIO_WEBSOCKET,
+        )
+
+
+class ServerProtocol(WSConnection):
+    """wsproto's server-side connection, made safe to drive from trio-websocket.
+
+    See the module docstring for the bugs it works around.
+
+    Attributes:
+        handshake_error: Why wsproto refused the opening handshake, if it did.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(ConnectionType.SERVER)
+        self.handshake_error: str | None = None
+        self._request_line = b""
+        # A close frame owed to a peer whose frame could not be parsed. While
+        # it is owed, ``state`` reads REMOTE_CLOSING, so that trio-websocket
+        # answers the close (with our code) before it closes the stream.
+        self._owed_close = False
+
+    @property
+    def http_version(self) -> bytes | None:
+        """The HTTP version of the upgrade request (``b"1.1"``), once it is read."""
+        line = self._request_line.rstrip(b"\r\n")
+        _, _, version = line.rpartition(b" HTTP/")
+        return version or None
+
+    @property
+    def state(self) -> ConnectionState:
+        """The connection's state; REMOTE_CLOSING while a protocol-error close is owed."""
+        if self._owed_close:
+            return ConnectionState.REMOTE_CLOSING
+        return super().state
+
+    def receive_data(self, data: bytes | None) -> None:
+        """Feed received bytes to wsproto; remembers the request line and handshake errors."""
+        if self.connection is None:
+            if data and not self._request_line.endswith(b"\n"):
+                head, newline, _ = (self._request_line + data)[:_MAX_REQUEST_LINE].partition(b"\n")
+                self._request_line = head + newline
+            try:
+                super().receive_data(data)
+            except RemoteProtocolError as exc:
+                self.handshake_error = str(exc)
+                raise
+            return
+        super().receive_data(data)
+
+    def events(self) -> Generator[Event, None, None]:
+        """Wsproto's events; a parse failure while open makes a close owed."""
+        for event in super().events():
+            connection = self.connection
+            if (
+                isinstance(event, CloseConnection)
+                and connection is not None
+                and connection.state is ConnectionState.OPEN
+            ):
+                # wsproto reports a frame it could not parse as a close event
+                # but stays OPEN; trio-websocket would then close the TCP
+                # stream without a close frame.
+                self._owed_close = True
+            yield event
+
+    def send(self, event: Event) -> bytes:
+        """Frame ``event``; control frames that can no longer be sent are dropped."""
+        connection = self.connection
+        if connection is not None:
+            if self._owed_close and isinstance(event, CloseConnection):
+                self._owed_close = False
+                return connection.send(event)  # OPEN -> LOCAL_CLOSING
+            state = self.state
+            if isinstance(event, Ping | Pong) and state is not ConnectionState.OPEN:
+                return b""  # our close frame is out (or owed): nothing may follow it
+            if isinstance(event, CloseConnection) and state not in (
+                ConnectionState.OPEN,
+                ConnectionState.REMOTE_CLOSING,
+            ):
+                return b""  # a close frame went out already
+            if isinstance(event, Message) and state is not ConnectionState.OPEN:
+                raise LocalProtocolError(f"cannot send a message in state {state.name}")
+        return super().send(event)
+
+
+class ServerConnection:
+    """An accepted connection whose opening handshake was read.
+
+    Attributes:
+        ws: The trio-websocket connection.
+        request: The handshake to accept or reject.
+        protocol: Our wsproto connection under ``ws``, or None on the public-API fallback.
+    """
+
+    __slots__ = ("protocol", "request", "ws")
+
+    def __init__(
+        self,
+        ws: WebSocketConnection | None,
+        request: WebSocketRequest,
+        protocol: ServerProtocol | None,
+    ) -> None:
+        self.ws = ws
+        self.request = request
+        self.protocol = protocol
+
+
+def server_internals_supported() -> bool:
+    """True if trio-websocket has the internals ``open_server_connection`` relies on."""
+    return callable(getattr(WebSocketConnection, "_reader_task", None)) and callable(
+        getattr(WebSocketConnection, "_get_request", None)
+    )
+
+
+async def open_server_connection(
+    nursery: trio.Nursery,
+    stream: trio.abc.Stream,
+    *,
+    message_queue_size: int,
+    max_message_size: int,
+) -> ServerConnection | None:
+    """Start a server-side WebSocket on ``stream`` and read its opening handshake.
+
+    Args:
+        nursery: The connection's own nursery; trio-websocket's reader runs in it.
+        stream: The accepted stream.
+        message_queue_size: trio-websocket's inbound message queue size.
+        max_message_size: Larger client messages close the connection with 1009.
+
+    Returns:
+        The connection, or None if the peer left (or sent a malformed
+        handshake, answered with 400 by wsproto) before a request was read.
+
+    Error handling:
+        ``ConnectionClosed`` from trio-websocket's reader (a reset during its
+        400 for a malformed upgrade) is contained; the reader just ends.
+    """
+    if not server_internals_supported():
+        _warn_once("server connection")
+        request = await trio_websocket.wrap_server_stream(
+            nursery, stream, message_queue_size, max_message_size
+        )
+        return ServerConnection(None, request, None)
+    protocol = ServerProtocol()
+    ws = WebSocketConnection(
+        stream, protocol, message_queue_size=message_queue_size, max_message_size=max_message_size
+    )
+    waiting = trio.CancelScope()
+
+    async def read() -> None:
+        try:
+            await ws._reader_task()
+        except ConnectionClosed:
+            pass  # trio-websocket 0.12.2 lets a failed send in its reader escape
+        finally:
+            # A peer that leaves before its request is read must not hold a
+            # file descriptor until the handshake timeout.
+            waiting.cancel()
+
+    nursery.start_soon(read)
+    with waiting:
+        request = await ws._get_request()
+        return ServerConnection(ws, request, protocol)
+    return None
+
+
+class CloseWrite(enum.Enum):
+    """What ``write_close_nowait`` did."""
+
+    SENT = enum.auto()  # the whole close frame went out, after a whole frame
+    NOT_OPEN = enum.auto()  # nothing to send: a close frame went out before, or the peer's came
+    BLOCKED = enum.auto()  # not sent: the socket is full or broken, or progress is unknown
 
 
 class FrameWriter(Protocol):
@@ -66,11 +284,32 @@ class FrameWriter(Protocol):
         """
         ...
 
+    @property
+    def exact(self) -> bool:
+        """True if it knows how much of each frame went out.
+
+        Then a close frame can follow a write that was cut off without
+        corrupting the stream.
+        """
+        ...
+
+    def write_close_nowait(self, code: int, reason: str) -> CloseWrite:
+        """Send a close frame now, without waiting, from outside the writer task.
+
+        Whatever the writer had half written is completed first, so the close
+        frame starts at a frame boundary. Called only while the writer task is
+        parked (idle, or waiting for the socket) or gone, and only before the
+        stream is closed. The writer writes nothing after it.
+        """
+        ...
+
 
 class PortableWriter:
     """Writes through trio-websocket's public ``send_message``, one call per frame."""
 
     __slots__ = ("_ws",)
+
+    exact = False
 
     def __init__(self, ws: WebSocketConnection) -> None:
         self._ws = ws
@@ -80,32 +319,43 @@ class PortableWriter:
         try:
             for frame in frames:
                 await self._ws.send_message(frame.payload)
-        except ConnectionClosed:
+        except (ConnectionClosed, LocalProtocolError):
             return False
         return True
+
+    def write_close_nowait(self, code: int, reason: str) -> CloseWrite:
+        """See ``FrameWriter.write_close_nowait``: a send's progress is unknown here."""
+        return CloseWrite.BLOCKED
 
 
 class FastWriter:
     """Writes pre-built frames, coalesced into one write per call."""
 
-    __slots__ = ("_lock", "_proto", "_socket", "_stream")
+    __slots__ = ("_batch", "_lock", "_proto", "_sent", "_socket", "_stream")
 
     def __init__(self, ws: WebSocketConnection) -> None:
         self._stream: trio.abc.Stream = ws._stream
         self._lock: trio.StrictFIFOLock = ws._stream_lock
-        self._proto = ws._wsproto
-        # Plain TCP (not TLS): the first attempt is a direct non-blocking write.
+        self._proto: WSConnection = ws._wsproto
+        # Plain TCP (not TLS): writes go straight to the socket.
         stream = self._stream
         self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+        # While a write waits for the socket: the frames being written and how
+        # many bytes of them went out. None when no write is half done.
+        self._batch: list[Frame] | None = None
+        self._sent = 0
+
+    @property
+    def exact(self) -> bool:
+        """See ``FrameWriter.exact``: on plain TCP, where it writes to the socket itself."""
+        return self._socket is not None
 
     async def write(self, frames: list[Frame]) -> bool:
         """See ``FrameWriter.write``."""
-        data: bytes | memoryview = (
-            frames[0].wire if len(frames) == 1 else b"".join([f.wire for f in frames])
-        )
+        data: bytes = frames[0].wire if len(frames) == 1 else b"".join([f.wire for f in frames])
         lock = self._lock
-        # An uncontended lock costs a checkpoint in ``async with``; send_all
-        # checkpoints anyway, so only wait when the reader is writing a pong.
+        # An uncontended lock costs a checkpoint in ``async with``; a write
+        # that has to wait checkpoints anyway, so only wait for the reader.
         try:
             lock.acquire_nowait()
         except trio.WouldBlock:
@@ -113,29 +363,83 @@ class FastWriter:
         try:
             if self._proto.state is not ConnectionState.OPEN:
                 return False
-            if self._socket is not None:
-                # trio's send_all ends every send with a scheduling round; a
-                # socket that can take the data now takes it in one syscall.
-                # The fd is read afresh (-1 once closed) with no await before
-                # the write, so a closed socket's reused fd is never written.
-                fd = self._socket.fileno()
-                if fd < 0:
-                    return False
-                try:
-                    sent = os.write(fd, data)
-                except BlockingIOError:
-                    sent = 0
-                except OSError:
-                    return False  # reset or broken: the reader sees it too
-                if sent == len(data):
-                    return True
-                data = memoryview(data)[sent:]
-            await self._stream.send_all(data)
+            sock = self._socket
+            if sock is None:
+                await self._stream.send_all(data)
+                return True
+            # trio's send_all ends every send with a scheduling round; a
+            # socket that can take the data now takes it in one syscall.
+            sent = _write_nowait(sock, data)
+            if sent == len(data):
+                return True
+            if sent < 0:
+                return False  # reset or broken: the reader sees it too
+            return await self._write_slowly(sock, frames, data, sent)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return False
         finally:
             lock.release()
+
+    async def _write_slowly(
+        self, sock: trio.socket.SocketType, frames: list[Frame], data: bytes, sent: int
+    ) -> bool:
+        view = memoryview(data)
+        self._batch = frames
+        self._sent = sent
+        while sent < len(data):
+            # Raises ClosedResourceError once the stream is closed (an abort).
+            await trio.lowlevel.wait_writable(sock)
+            if self._batch is not frames:
+                return False  # cut off by write_close_nowait: the close frame is out
+            n = _write_nowait(sock, view[sent:])
+            if n < 0:
+                return False
+            sent += n
+            self._sent = sent
+        self._batch = None
         return True
+
+    def write_close_nowait(self, code: int, reason: str) -> CloseWrite:
+        """See ``FrameWriter.write_close_nowait``."""
+        if self._proto.state is not ConnectionState.OPEN:
+            return CloseWrite.NOT_OPEN
+        sock = self._socket
+        if sock is None:
+            return CloseWrite.BLOCKED
+        batch = self._batch
+        if batch is None and self._lock.locked():
+            return CloseWrite.BLOCKED  # trio-websocket's reader is writing: progress unknown
+        rest = b""
+        if batch is not None:
+            end = 0
+            for frame in batch:
+                end += len(frame.wire)
+                if end > self._sent:
+                    break
+            rest = b"".join([f.wire for f in batch])[self._sent : end]
+        # Whatever the writer had left of its batch is never written now.
+        self._batch = None
+        data = rest + self._proto.send(CloseConnection(code, reason))
+        if _write_nowait(sock, data) != len(data):
+            return CloseWrite.BLOCKED
+        return CloseWrite.SENT
+
+
+def _write_nowait(sock: trio.socket.SocketType, data: bytes | memoryview) -> int:
+    """Write what the socket takes now; the count, or -1 if it is closed or broken.
+
+    The fd is read afresh (-1 once closed) with no await before the write, so
+    a closed socket's reused fd is never written.
+    """
+    fd = sock.fileno()
+    if fd < 0:
+        return -1
+    try:
+        return os.write(fd, data)
+    except BlockingIOError:
+        return 0
+    except OSError:
+        return -1
 
 
 def fast_writer_supported(ws: WebSocketConnection) -> bool:
@@ -152,16 +456,8 @@ def fast_writer_supported(ws: WebSocketConnection) -> bool:
 
 def make_writer(ws: WebSocketConnection, *, fast: bool) -> FrameWriter:
     """The writer to use for ``ws``: fast if asked for and supported, else portable."""
-    global _warned
     if fast:
         if fast_writer_supported(ws):
             return FastWriter(ws)
-        if not _warned:
-            _warned = True
-            logger.warning(
-                "trio-websocket %s lacks the internals the fast writer needs (tested with %s); "
-                "using the portable writer",
-                trio_websocket.__version__,
-                TESTED_TRIO_WEBSOCKET,
-            )
+        _warn_once("fast writer")
     return PortableWriter(ws)

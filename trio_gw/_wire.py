@@ -25,6 +25,8 @@ import attrs
 import cattrs
 from cattrs.preconf.orjson import make_converter
 
+from ._config import _field_first, _format_exception
+
 __all__ = [
     "Request",
     "RequestPayload",
@@ -76,19 +78,43 @@ class Response:
     payload: ResponsePayload
 
 
+_JSON_TYPES: dict[type, str] = {
+    type(None): "null",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+    list: "an array",
+    dict: "an object",
+}
+
+
+def _strict_str(value: Any, _type: type) -> str:
+    # cattrs's default str hook calls str() on anything, so null would reach the
+    # backend as the service "None" and a list as "['a', 'b']".
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {_JSON_TYPES.get(type(value), 'a non-string')}")
+    return value
+
+
 _converter = make_converter(forbid_extra_keys=True)
+_converter.register_structure_hook(str, _strict_str)
 
 
 def parse_request(decoded: Any) -> Request:
     """Structure a decoded client message as a request.
 
+    ``service`` and ``method`` must be strings, and ``trace_id`` a string or
+    null (absent): nothing else is coerced.
+
     Raises:
-        WireError: it is not a request; the message names the offending field.
+        WireError: it is not a request; the message names the offending field,
+            e.g. ``payload.service: expected a string, got null``.
     """
     try:
         return _converter.structure(decoded, Request)
     except cattrs.ClassValidationError as exc:
-        raise WireError("; ".join(cattrs.transform_error(exc, path="message"))) from None
+        messages = cattrs.transform_error(exc, path="message", format_exception=_format_exception)
+        raise WireError("; ".join(_field_first(m, root="message") for m in messages)) from None
     except (TypeError, ValueError, AttributeError) as exc:
         raise WireError(f"message: expected a request object ({exc})") from None
 
