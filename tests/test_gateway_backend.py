@@ -205,6 +205,7 @@ async def test_non_string_fields_are_refused_not_coerced(tmp_path: Path) -> None
             "payload.service: expected a string, got an object",
         ),
         (frame("orders", "lookup", 42), None, "payload.trace_id: expected a string, got a number"),
+        (frame("orders", "lookup", None), None, "payload.trace_id: expected a string"),
         (
             frame("orders", "lookup", ["t"]),
             None,
@@ -222,8 +223,12 @@ async def test_non_string_fields_are_refused_not_coerced(tmp_path: Path) -> None
                 for text, _, _ in bad_frames:
                     await ws.send_message(text)
                     answers.append(await receive_json(ws))
-                # A null trace_id counts as absent: one is assigned, as before.
-                await ws.send_message(frame("orders", "lookup", None))
+                # An absent trace_id is assigned one, as before.
+                await ws.send_message(
+                    orjson.dumps(
+                        {"type": "request", "payload": {"service": "orders", "method": "lookup"}}
+                    ).decode()
+                )
                 assigned = await receive_json(ws)
                 await ws.send_message(request("lookup", "t-ok"))
                 ok = await receive_json(ws)

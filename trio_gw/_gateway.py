@@ -175,7 +175,7 @@ class Gateway:
             trace_id = given if isinstance(given, str) and given else uuid.uuid4().hex
             await reply(session, _response(request_error(trace_id, "bad_request", str(exc))))
             return
-        if not request.trace_id:  # absent, null or empty: assign one
+        if not request.trace_id:  # absent or empty: assign one
             request = attrs.evolve(request, trace_id=uuid.uuid4().hex)
         forwarder = self._forwarder
         if forwarder is None:

@@ -104,12 +104,17 @@ def parse_request(decoded: Any) -> Request:
     """Structure a decoded client message as a request.
 
     ``service`` and ``method`` must be strings, and ``trace_id`` a string or
-    null (absent): nothing else is coerced.
+    absent: nothing is coerced, and an explicit null is refused too.
 
     Raises:
         WireError: it is not a request; the message names the offending field,
             e.g. ``payload.service: expected a string, got null``.
     """
+    payload = decoded.get("payload") if isinstance(decoded, dict) else None
+    if isinstance(payload, dict) and "trace_id" in payload and payload["trace_id"] is None:
+        # A client that sends null for its trace id expects to match the
+        # answer by it; silently assigning one would leave it waiting.
+        raise WireError("payload.trace_id: expected a string (or no trace_id), got null")
     try:
         return _converter.structure(decoded, Request)
     except cattrs.ClassValidationError as exc:
