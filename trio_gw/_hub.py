@@ -1012,9 +1012,11 @@ class HandlerManager:
         identity = await self._authorize(request, handshake)
         if identity is None:
             return None
-        try:
+        ws = None
+        # A client that does not read even the 101 answer holds nothing for long.
+        with suppress(ConnectionClosed), trio.move_on_after(self._config.close_timeout):
             ws = await request.accept()
-        except ConnectionClosed:
+        if ws is None:
             self._counters.handshakes_aborted += 1
             return None
         return ws, identity
