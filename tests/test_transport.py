@@ -1,6 +1,6 @@
-"""The fast writer's dependency on trio-websocket internals (trio_gw/_transport.py).
+"""trio_gw/_transport.py: the trio-websocket internals it relies on, and the upstream bugs.
 
-If this file fails after a trio-websocket upgrade, the fast writer's
+If this file fails after a trio-websocket or wsproto upgrade, the transport's
 assumptions no longer hold: read trio_gw/_transport.py before changing the pin.
 """
 
@@ -8,11 +8,23 @@ from __future__ import annotations
 
 import importlib.metadata
 
+import pytest
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import AcceptConnection, CloseConnection, Ping, Request
+from wsproto.utilities import LocalProtocolError
 
 from trio_gw._frames import encode_frame
-from trio_gw._transport import TESTED_TRIO_WEBSOCKET, FastWriter, fast_writer_supported, make_writer
+from trio_gw._transport import (
+    TESTED_TRIO_WEBSOCKET,
+    FastWriter,
+    ServerProtocol,
+    fast_writer_supported,
+    make_writer,
+    server_internals_supported,
+)
 
 from .conftest import TIMEOUT, client, running_hub
 
@@ -54,3 +66,76 @@ async def test_fast_writer_bytes_are_what_wsproto_parses() -> None:
             assert got[4] == '{"k":[1,2,3]}'
             assert encode_frame("é").wire == b"\x81\x02" + "é".encode()
     assert isinstance(ws, WebSocketConnection)
+
+
+# --- the server connection: trio-websocket internals and the upstream bugs ---------
+#
+# Each test below first shows the bug with wsproto's stock server connection (what
+# trio-websocket 0.12.2 uses), then that ServerProtocol answers it. When an upgrade
+# fixes a bug upstream, its "stock" half fails here: drop the workaround then.
+
+
+def test_server_internals_are_present() -> None:
+    assert server_internals_supported()
+
+
+def open_server(protocol: WSConnection) -> WSConnection:
+    """Drive ``protocol`` through a real upgrade built by a wsproto client; returns the client."""
+    client_side = WSConnection(ConnectionType.CLIENT)
+    protocol.receive_data(client_side.send(Request(host="h", target="/")))
+    (request,) = protocol.events()
+    assert isinstance(request, Request)
+    client_side.receive_data(protocol.send(AcceptConnection()))
+    assert isinstance(next(client_side.events()), AcceptConnection)
+    return client_side
+
+
+def test_a_ping_after_our_close_frame_is_not_answered() -> None:
+    stock, ours = WSConnection(ConnectionType.SERVER), ServerProtocol()
+    for server in (stock, ours):
+        client_side = open_server(server)
+        server.send(CloseConnection(code=4000))  # the hub closes: LOCAL_CLOSING
+        server.receive_data(client_side.send(Ping(b"p")))
+        (ping,) = server.events()
+        assert isinstance(ping, Ping)
+        if server is stock:
+            # trio-websocket answers every ping; wsproto refuses the pong and the
+            # LocalProtocolError used to escape trio-websocket's reader task.
+            with pytest.raises(LocalProtocolError):
+                server.send(ping.response())
+        else:
+            assert server.send(ping.response()) == b""
+            assert server.send(CloseConnection(code=1009)) == b""  # 1009 after close, too
+
+
+def test_a_frame_that_breaks_the_protocol_is_answered_with_a_close_frame() -> None:
+    rsv_frame = b"\x91\x82" + b"\x00" * 4 + b"hi"  # RSV1 set, masked "hi"
+    invalid_utf8 = b"\x81\x82" + b"\x00" * 4 + b"\xff\xfe"
+    for data, code in ((rsv_frame, 1002), (invalid_utf8, 1007)):
+        stock, ours = WSConnection(ConnectionType.SERVER), ServerProtocol()
+        for server in (stock, ours):
+            client_side = open_server(server)
+            server.receive_data(data)
+            (event,) = server.events()
+            assert isinstance(event, CloseConnection) and event.code == code
+            if server is stock:
+                # wsproto stays OPEN, so trio-websocket sends no close frame.
+                assert server.state is ConnectionState.OPEN
+            else:
+                # trio-websocket answers a close in REMOTE_CLOSING: with our code.
+                assert server.state is ConnectionState.REMOTE_CLOSING
+                client_side.receive_data(server.send(event.response()))
+                (answer,) = client_side.events()
+                assert isinstance(answer, CloseConnection) and answer.code == code
+                assert server.state is ConnectionState.LOCAL_CLOSING
+
+
+def test_the_http_version_of_the_upgrade_is_read() -> None:
+    head = b"Host: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    head += b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    for line, version in ((b"GET / HTTP/1.0\r\n", b"1.0"), (b"GET /x HTTP/1.1\r\n", b"1.1")):
+        server = ServerProtocol()
+        for byte in range(len(line + head)):  # byte by byte, as a slow client sends it
+            server.receive_data((line + head)[byte : byte + 1])
+        assert isinstance(next(server.events()), Request)
+        assert server.http_version == version

@@ -138,8 +138,7 @@ class ServerProtocol(WSConnection):
         """Feed received bytes to wsproto; remembers the request line and handshake errors."""
         if self.connection is None:
             if data and not self._request_line.endswith(b"\n"):
-                # h11 skips empty lines before the request line (RFC 9112 2.2).
-                line = (self._request_line + data).lstrip(b"\r\n")[:_MAX_REQUEST_LINE]
+                line = (self._request_line + data)[:_MAX_REQUEST_LINE]
                 head, newline, _ = line.partition(b"\n")
                 self._request_line = head + newline
             try:
