@@ -861,6 +861,7 @@ class HandlerManager:
         session: Session | None = None
         try:
             async with trio.open_nursery() as nursery:
+                connection = None
                 with trio.move_on_after(config.handshake_timeout) as reading:
                     connection = await open_server_connection(
                         nursery,
