@@ -929,22 +929,22 @@ class HandlerManager:
         """Answer a socket over the connection limit with 503 (error boundary as above)."""
         try:
             async with trio.open_nursery() as nursery:
-                with trio.move_on_after(_REFUSAL_TIMEOUT):
+                connection = None
+                with trio.move_on_after(_REFUSAL_TIMEOUT) as reading:
                     connection = await open_server_connection(
                         nursery, stream, message_queue_size=1, max_message_size=1024
                     )
-                    if connection is not None:
-                        if self._state is _State.RUNNING:
-                            await self._reject(
-                                connection.request,
-                                503,
-                                "connection_limit",
-                                "connection limit reached",
-                            )
-                        else:
-                            await self._reject(
-                                connection.request, 503, "shutting_down", "hub is shutting down"
-                            )
+                if connection is None:
+                    self._handshake_failed(
+                        _peer_address(stream), timed_out=reading.cancelled_caught
+                    )
+                else:
+                    why, body = (
+                        ("connection_limit", "connection limit reached")
+                        if self._state is _State.RUNNING
+                        else ("shutting_down", "hub is shutting down")
+                    )
+                    await self._reject(connection.request, 503, why, body)
                 nursery.cancel_scope.cancel()
         except* Exception as failure:
             self._connection_failed(failure, None, _peer_address(stream))
