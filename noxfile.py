@@ -25,9 +25,11 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def fuzz(session: nox.Session) -> None:
-    """Fuzz the admin API of a real trio-gw process against its OpenAPI document."""
+    """Fuzz a real trio-gw process: its admin API (OpenAPI), then its WebSocket protocol."""
     session.install(".", *group("fuzz"))
-    session.run("python", "tests/fuzz_admin_api.py", *session.posargs)
+    session.run("python", "tests/fuzz_admin_api.py")
+    # Arguments go to the protocol fuzzer: nox -s fuzz -- --examples 2000 --seed 7
+    session.run("python", "tests/fuzz_protocol.py", *session.posargs)
 
 
 @nox.session

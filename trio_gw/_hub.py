@@ -38,7 +38,7 @@ from ._registry import Effect, Registry, SessionAdded, SessionRemoved, UserJoine
 from ._session import Offer, Session
 from ._statistics import Counters, HubStatistics
 from ._targets import Target, ToAll, ToSession, is_local, new_session_id, to_users
-from ._transport import ServerConnection, open_server_connection
+from ._transport import NoRequest, ServerConnection, open_server_connection
 from ._wire import error_message, hello_message
 
 __all__ = ["HandlerManager", "MessageCallback", "Reply", "open_hub", "serve_hub"]
@@ -862,15 +862,15 @@ class HandlerManager:
         try:
             async with trio.open_nursery() as nursery:
                 connection = None
-                with trio.move_on_after(config.handshake_timeout) as reading:
+                with trio.move_on_after(config.handshake_timeout):
                     connection = await open_server_connection(
                         nursery,
                         stream,
                         message_queue_size=_WS_MESSAGE_QUEUE_SIZE,
                         max_message_size=config.max_message_size,
                     )
-                if connection is None:
-                    self._handshake_failed(peer, timed_out=reading.cancelled_caught)
+                if not isinstance(connection, ServerConnection):
+                    self._handshake_failed(peer, connection)
                 else:
                     ws = connection.ws
                     accepted = await self._answer_handshake(connection, peer)
@@ -930,14 +930,12 @@ class HandlerManager:
         try:
             async with trio.open_nursery() as nursery:
                 connection = None
-                with trio.move_on_after(_REFUSAL_TIMEOUT) as reading:
+                with trio.move_on_after(_REFUSAL_TIMEOUT):
                     connection = await open_server_connection(
                         nursery, stream, message_queue_size=1, max_message_size=1024
                     )
-                if connection is None:
-                    self._handshake_failed(
-                        _peer_address(stream), timed_out=reading.cancelled_caught
-                    )
+                if not isinstance(connection, ServerConnection):
+                    self._handshake_failed(_peer_address(stream), connection)
                 else:
                     why, body = (
                         ("connection_limit", "connection limit reached")
@@ -953,14 +951,18 @@ class HandlerManager:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
 
-    def _handshake_failed(self, peer: tuple[str, int] | None, *, timed_out: bool) -> None:
+    def _handshake_failed(self, peer: tuple[str, int] | None, why: NoRequest | None) -> None:
+        """Count a connection that sent no request to answer (``why`` None: timed out)."""
         counters = self._counters
-        if timed_out:
+        if why is None:
             counters.rejected_handshakes["handshake_timeout"] += 1
             logger.info("handshake from %s: no request within the handshake timeout", peer)
+        elif why is NoRequest.MALFORMED:
+            counters.rejected_handshakes["bad_request"] += 1
+            logger.info("handshake from %s: not a WebSocket upgrade; refused with 400", peer)
         else:
             counters.handshakes_aborted += 1
-            logger.debug("handshake from %s: the peer left or sent a malformed request", peer)
+            logger.debug("handshake from %s: the peer left before its request was read", peer)
 
     def _connection_failed(
         self, failure: BaseExceptionGroup[Exception], session: Session | None, peer: object

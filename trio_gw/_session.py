@@ -6,6 +6,7 @@ import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -267,7 +268,9 @@ class Session:
         if not drain:
             self._out_send.close()
         if self._nursery is not None:
-            self._nursery.start_soon(self._close_procedure)
+            # RuntimeError: the connection ended a moment ago; nothing to close.
+            with suppress(RuntimeError):
+                self._nursery.start_soon(self._close_procedure)
 
     def _discard_queued(self) -> int:
         """Drop every frame still queued (the connection has ended); returns how many."""

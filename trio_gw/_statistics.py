@@ -37,7 +37,8 @@ class HubStatistics:
         connection_errors: Connections ended by an unexpected error in the hub
             or a library under it; each is logged once and closed with 1011.
         handshakes_aborted: Connections whose peer left, reset or broke TLS
-            before the opening handshake was answered.
+            before the opening handshake was answered. (Malformed upgrades are
+            ``rejected_handshakes["bad_request"]``.)
         accept_errors: ``accept()`` calls that failed for lack of file
             descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM).
     """

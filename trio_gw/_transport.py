@@ -59,7 +59,7 @@ import trio_websocket
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import CloseConnection, Event, Message, Ping, Pong
+from wsproto.events import CloseConnection, Event, Message, Ping, Pong, RejectConnection
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from ._frames import Frame
@@ -70,6 +70,7 @@ __all__ = [
     "FastWriter",
     "FrameWriter",
     "PortableWriter",
+    "NoRequest",
     "ServerConnection",
     "ServerProtocol",
     "fast_writer_supported",
@@ -146,6 +147,13 @@ class ServerProtocol(WSConnection):
             except RemoteProtocolError as exc:
                 self.handshake_error = str(exc)
                 raise
+            except UnicodeError as exc:
+                # wsproto decodes Connection, Sec-WebSocket-Extensions/-Protocol
+                # and Host without catching a non-ASCII (or bad IDNA) value.
+                self.handshake_error = f"undecodable header value ({exc})"
+                raise RemoteProtocolError(
+                    "undecodable header value", event_hint=RejectConnection()
+                ) from None
             return
         super().receive_data(data)
 
@@ -184,6 +192,13 @@ class ServerProtocol(WSConnection):
         return super().send(event)
 
 
+class NoRequest(enum.Enum):
+    """Why ``open_server_connection`` got no request to accept or reject."""
+
+    PEER_LEFT = enum.auto()  # closed, reset or broke TLS before its request was read
+    MALFORMED = enum.auto()  # not a WebSocket upgrade: wsproto answered 400 (or 426)
+
+
 class ServerConnection:
     """An accepted connection whose opening handshake was read.
 
@@ -219,7 +234,7 @@ async def open_server_connection(
     *,
     message_queue_size: int,
     max_message_size: int,
-) -> ServerConnection | None:
+) -> ServerConnection | NoRequest:
     """Start a server-side WebSocket on ``stream`` and read its opening handshake.
 
     Args:
@@ -229,8 +244,7 @@ async def open_server_connection(
         max_message_size: Larger client messages close the connection with 1009.
 
     Returns:
-        The connection, or None if the peer left (or sent a malformed
-        handshake, answered with 400 by wsproto) before a request was read.
+        The connection, or why there is no request to answer.
 
     Error handling:
         ``ConnectionClosed`` from trio-websocket's reader (a reset during its
@@ -262,7 +276,7 @@ async def open_server_connection(
     with waiting:
         request = await ws._get_request()
         return ServerConnection(ws, request, protocol)
-    return None
+    return NoRequest.MALFORMED if protocol.handshake_error is not None else NoRequest.PEER_LEFT
 
 
 class CloseWrite(enum.Enum):
