@@ -657,6 +657,87 @@ async def test_stalled_reader_is_closed_4008_and_its_stream_stays_whole(
     assert grew(before, after, "closes_by_code", "4008") == 1
 
 
+@pytest.mark.parametrize("more_traffic", [True, False])
+@pytest.mark.parametrize("then", ["close_frame", "oversized_message", "rsv_bits"])
+async def test_a_stalled_client_that_starts_closing_is_still_cut_off(
+    then: str, more_traffic: bool, tmp_path: Path
+) -> None:
+    """A client stops reading until the hub's write to it is stuck, then sends a close frame,
+    a message over max_message_size or a bad frame: trio-websocket's answer waits behind the
+    stuck write and marks the connection closed. The slot is still freed within the
+    timeouts, whether more messages make it a slow consumer or the heartbeat finds it."""
+    attack = {
+        "close_frame": close_frame(1000),
+        "oversized_message": frame(TEXT, b"x" * 2000),
+        "rsv_bits": frame(TEXT, b"x", rsv=4),
+    }[then]
+    with trio.fail_after(3 * TIMEOUT):
+        async with open_target(
+            "hub",
+            tmp_path,
+            outbound_queue_bytes=64 << 10,
+            close_timeout=0.5,
+            heartbeat_interval=1.0,
+            heartbeat_timeout=0.5,
+            max_message_size=1024,
+        ) as t:
+            hub = t.hub
+            assert hub is not None
+            before = await t.stats()
+            stalled = await RawClient.open(t.port, "stalled", rcvbuf=4096)
+            session = hub.get_handler(stalled.session_id)
+            assert session is not None
+            n = 0
+            while session._writer._batch is None:  # type: ignore[attr-defined]
+                await hub.send_message(stalled.session_id, burst_message(n))
+                n += 1
+                if n % 20 == 0:
+                    await trio.lowlevel.checkpoint()
+            await stalled.stream.send_all(attack)
+            while more_traffic and not session.closing:
+                await hub.send_message(stalled.session_id, burst_message(n))
+                n += 1
+                if n % 20 == 0:
+                    await trio.lowlevel.checkpoint()
+            await wait_for(lambda: session._ended)
+            await stalled.stream.aclose()
+            after = await unharmed(t)
+    assert grew(before, after, "connection_errors") == 0
+    assert sum(after["closes_by_code"].values()) > sum(before["closes_by_code"].values())
+
+
+async def test_a_graceful_close_delivers_replies_queued_behind_a_busy_actor(
+    tmp_path: Path,
+) -> None:
+    """hub.close() drains a session: a callback in flight replies while the hub's actor is
+    busy (its reply goes through the actor's queue), and the reply still arrives before the
+    close frame, every time."""
+    gate = trio.Event()
+
+    async def answer_later(reply: Reply, handler: Session, message: Any) -> None:
+        await gate.wait()
+        handler._hub.close("node1:nobody")  # any queued command keeps the actor busy
+        await reply(handler, "answer")
+
+    with trio.fail_after(3 * TIMEOUT):
+        async with running_hub(answer_later, close_timeout=TIMEOUT) as (hub, url):
+            for attempt in range(10):
+                gate = trio.Event()
+                raw = await RawClient.open(int(url.rpartition(":")[2]), f"u{attempt}")
+                await raw.stream.send_all(frame(TEXT, b"{}"))
+                await wait_for(lambda n=attempt + 1: hub.statistics().messages_in == n)
+                hub.close(raw.session_id, code=4000)
+                await hub.flush()
+                gate.set()
+                await raw.read_until(lambda frames: frames[-1].opcode is Opcode.CLOSE)
+                opcodes = [f.opcode for f in raw.frames()]
+                assert opcodes == [Opcode.TEXT, Opcode.TEXT, Opcode.CLOSE], opcodes
+                assert raw.frames()[1].payload == "answer"
+                await raw.stream.aclose()
+            await wait_for(lambda: hub.statistics().connections == 0)
+            assert hub.statistics().drops == 0
+
+
 async def test_vanished_client_with_queued_data(tmp_path: Path) -> None:
     """A client stops reading until messages queue up for it, then resets: every message is
     either written or counted in drops, and nothing is left behind."""

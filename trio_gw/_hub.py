@@ -824,20 +824,26 @@ class HandlerManager:
                         )
                     await trio.sleep(_ACCEPT_RETRY_DELAY)
                     continue
-                if self._state is _State.RUNNING and self._live_connections < limit:
-                    self._live_connections += 1
-                    counters.handshakes_in_progress += 1
-                    connections.start_soon(self._serve_connection, stream)
-                elif self._refusing < _REFUSAL_SLOTS:
-                    # A few sockets over the limit are read, so that their
-                    # clients get a 503 they can act on; the rest are closed.
-                    self._refusing += 1
-                    connections.start_soon(self._refuse_connection, stream)
-                else:
-                    counters.rejected_handshakes[
-                        "connection_limit" if self._state is _State.RUNNING else "shutting_down"
-                    ] += 1
+                try:
+                    if self._state is _State.RUNNING and self._live_connections < limit:
+                        connections.start_soon(self._serve_connection, stream)
+                        self._live_connections += 1
+                        counters.handshakes_in_progress += 1
+                    elif self._refusing < _REFUSAL_SLOTS:
+                        # A few sockets over the limit are read, so that their
+                        # clients get a 503 they can act on; the rest are closed.
+                        connections.start_soon(self._refuse_connection, stream)
+                        self._refusing += 1
+                    else:
+                        counters.rejected_handshakes[
+                            "connection_limit" if self._state is _State.RUNNING else "shutting_down"
+                        ] += 1
+                        await trio.aclose_forcefully(stream)
+                except RuntimeError:  # the hub's connections nursery has closed
                     await trio.aclose_forcefully(stream)
+                    raise HubClosedError(
+                        f"hub {self._instance_id!r} has shut down; serve_hub outlived open_hub"
+                    ) from None
 
     async def _serve_connection(self, stream: trio.abc.Stream) -> None:
         """Run one accepted connection, from its handshake to its close.
@@ -892,7 +898,10 @@ class HandlerManager:
                             # trio-websocket's reader still runs: close with 1011
                             # and finish the close handshake.
                             self._connection_failed(failure, session, peer)
-                            await session._close_after_failure()
+                            try:
+                                await session._close_after_failure()
+                            except Exception as exc:  # logged once above already
+                                logger.warning("closing %s after its failure: %r", session, exc)
                     if ws is not None:
                         # The end of the close handshake (or of a refusal), as
                         # trio-websocket's own server does it.
@@ -902,10 +911,13 @@ class HandlerManager:
         except* Exception as failure:
             # trio-websocket's reader (or the handshake) failed: every task of
             # the connection is gone; the client gets 1011 if the socket takes it.
-            self._connection_failed(failure, session, peer)
-            if session is not None:
-                request = session._fail()
-                session._writer.write_close_nowait(request.code, request.reason)
+            try:
+                self._connection_failed(failure, session, peer)
+                if session is not None:
+                    request = session._fail()
+                    session._writer.write_close_nowait(request.code, request.reason)
+            except Exception:  # the last resort: nothing may reach the hub's nursery
+                logger.exception("connection from %s: handling its failure failed", peer)
         finally:
             if in_handshake:
                 counters.handshakes_in_progress -= 1

@@ -16,8 +16,9 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 from ._auth import Identity
 from ._close_codes import CloseCode
 from ._config import HubConfig
+from ._errors import HubClosedError
 from ._frames import Frame
-from ._transport import CloseWrite, FrameWriter, make_writer
+from ._transport import CloseWrite, FrameWriter, abort, make_writer
 
 if TYPE_CHECKING:
     from ._hub import HandlerManager
@@ -387,16 +388,21 @@ class Session:
                     batch.append(frame)
                     size += len(frame.wire)
                 self._queued_bytes -= size
-                written = await writer.write(batch)
                 count = len(batch)
+                try:
+                    written = await writer.write(batch)
+                except BaseException:
+                    counters.drops += count  # cancelled: at most part of it went out
+                    raise
                 # An idle writer must not keep its last batch alive.
                 batch = frame = None  # type: ignore[assignment]
-                if not written:
+                if written < count:
                     # The client is gone or closing: what is queued, and what
                     # is offered from now on, is counted as dropped. The reader
                     # and the dispatcher go on, so that what the client sent
                     # before it left is still processed.
-                    counters.drops += count + self._discard_queued()
+                    counters.messages_out += written
+                    counters.drops += count - written + self._discard_queued()
                     recv.close()
                     return
                 counters.messages_out += count
@@ -427,11 +433,20 @@ class Session:
         try:
             with trio.move_on_after(timeout) as scope:
                 await self._ws.ping()
+            if not scope.cancelled_caught:
+                return  # the pong came
         except ConnectionClosed:
-            return
+            # trio-websocket has begun closing, and the session normally ends
+            # at once. If it is still here a timeout later, the close is stuck
+            # (its answer waits behind a write to a client that stopped
+            # reading): close it as one that does not answer.
+            self._ping_in_flight = False
+            await trio.sleep(timeout)
+            if self._ended or self._close is not None:
+                return
         finally:
             self._ping_in_flight = False
-        if scope.cancelled_caught and not self._reader_blocked:
+        if not self._reader_blocked:
             logger.info(
                 "session %s (user %s): no pong within %ss, closing",
                 self.session_id,
@@ -455,15 +470,13 @@ class Session:
         trio-websocket's reader still runs, so the close handshake can finish.
         """
         request = self._fail()
-        writer = self._writer
-        sent = writer.write_close_nowait(request.code, request.reason)
-        if sent is CloseWrite.BLOCKED and writer.exact:
-            await trio.aclose_forcefully(self._ws)  # a close frame would follow half a frame
+        if self._writer.write_close_nowait(request.code, request.reason) is CloseWrite.BLOCKED:
+            await abort(self._ws)  # a close frame now could follow half a frame
             return
         with trio.move_on_after(self._config.close_timeout) as scope:
             await self._ws.aclose(request.code, request.reason)
         if scope.cancelled_caught:
-            await trio.aclose_forcefully(self._ws)
+            await abort(self._ws)
 
     async def _close_procedure(self) -> None:
         """Close the connection as ``_request_close`` asked.
@@ -486,6 +499,10 @@ class Session:
             with trio.move_on_at(deadline):
                 if request.drain:
                     await self._wait_for_work()
+                    # Replies that went through the hub's queue are offered
+                    # once the actor has handled what was queued before this.
+                    with suppress(HubClosedError):
+                        await self._hub._flush(internal=True)
                 # Nothing can be offered any more: the session is unregistered
                 # and its callbacks are done. Without a drain, the writer stops
                 # after the write it is in.
@@ -498,11 +515,13 @@ class Session:
                 is CloseWrite.BLOCKED
             ):
                 # Closing the stream also ends the writer's blocked write.
-                await trio.aclose_forcefully(self._ws)
+                await abort(self._ws)
                 return
             with trio.move_on_at(deadline + timeout) as scope:
                 await self._ws.aclose(request.code, request.reason)
-            if scope.cancelled_caught:
-                await trio.aclose_forcefully(self._ws)
+            if scope.cancelled_caught or not self._writer_done.done:
+                # Timed out, or trio-websocket thinks the connection is closed
+                # while our write is stuck on a client that stopped reading.
+                await abort(self._ws)
         finally:
             self._close_done.set()

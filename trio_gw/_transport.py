@@ -66,6 +66,7 @@ from ._frames import Frame
 
 __all__ = [
     "TESTED_TRIO_WEBSOCKET",
+    "abort",
     "CloseWrite",
     "FastWriter",
     "FrameWriter",
@@ -283,19 +284,22 @@ class CloseWrite(enum.Enum):
     """What ``write_close_nowait`` did."""
 
     SENT = enum.auto()  # the whole close frame went out, after a whole frame
-    NOT_OPEN = enum.auto()  # nothing to send: a close frame went out before, or the peer's came
+    # Not sent here, and no frame is half written: the close (or what is left
+    # of it) can go through trio-websocket's ``aclose``.
+    NOT_SENT = enum.auto()
     BLOCKED = enum.auto()  # not sent: the socket is full or broken, or progress is unknown
 
 
 class FrameWriter(Protocol):
     """Writes whole frames to one connection; used by that connection's writer task only."""
 
-    async def write(self, frames: list[Frame]) -> bool:
+    async def write(self, frames: list[Frame]) -> int:
         """Write ``frames`` in order.
 
         Returns:
-            False if the connection can no longer be written to (closing or
-            broken); nothing more should be written then.
+            How many of them went out whole. Fewer than ``len(frames)`` means
+            the connection can no longer be written to (closing or broken);
+            nothing more should be written then.
         """
         ...
 
@@ -322,31 +326,37 @@ class FrameWriter(Protocol):
 class PortableWriter:
     """Writes through trio-websocket's public ``send_message``, one call per frame."""
 
-    __slots__ = ("_ws",)
+    __slots__ = ("_writing", "_ws")
 
     exact = False
 
     def __init__(self, ws: WebSocketConnection) -> None:
         self._ws = ws
+        # Left True by a write that was cancelled: how much of it went out is unknown.
+        self._writing = False
 
-    async def write(self, frames: list[Frame]) -> bool:
+    async def write(self, frames: list[Frame]) -> int:
         """See ``FrameWriter.write``."""
+        written = 0
+        self._writing = True
         try:
             for frame in frames:
                 await self._ws.send_message(frame.payload)
+                written += 1
         except (ConnectionClosed, LocalProtocolError):
-            return False
-        return True
+            pass
+        self._writing = False
+        return written
 
     def write_close_nowait(self, code: int, reason: str) -> CloseWrite:
-        """See ``FrameWriter.write_close_nowait``: a send's progress is unknown here."""
-        return CloseWrite.BLOCKED
+        """See ``FrameWriter.write_close_nowait``: it cannot write itself."""
+        return CloseWrite.BLOCKED if self._writing else CloseWrite.NOT_SENT
 
 
 class FastWriter:
     """Writes pre-built frames, coalesced into one write per call."""
 
-    __slots__ = ("_batch", "_lock", "_proto", "_sent", "_socket", "_stream")
+    __slots__ = ("_batch", "_cut_whole", "_lock", "_proto", "_sent", "_socket", "_stream")
 
     def __init__(self, ws: WebSocketConnection) -> None:
         self._stream: trio.abc.Stream = ws._stream
@@ -359,13 +369,14 @@ class FastWriter:
         # many bytes of them went out. None when no write is half done.
         self._batch: list[Frame] | None = None
         self._sent = 0
+        self._cut_whole = 0  # frames of a cut-off batch that went out whole
 
     @property
     def exact(self) -> bool:
         """See ``FrameWriter.exact``: on plain TCP, where it writes to the socket itself."""
         return self._socket is not None
 
-    async def write(self, frames: list[Frame]) -> bool:
+    async def write(self, frames: list[Frame]) -> int:
         """See ``FrameWriter.write``."""
         data: bytes = frames[0].wire if len(frames) == 1 else b"".join([f.wire for f in frames])
         lock = self._lock
@@ -377,27 +388,27 @@ class FastWriter:
             await lock.acquire()
         try:
             if self._proto.state is not ConnectionState.OPEN:
-                return False
+                return 0
             sock = self._socket
             if sock is None:
                 await self._stream.send_all(data)
-                return True
+                return len(frames)
             # trio's send_all ends every send with a scheduling round; a
             # socket that can take the data now takes it in one syscall.
             sent = _write_nowait(sock, data)
             if sent == len(data):
-                return True
+                return len(frames)
             if sent < 0:
-                return False  # reset or broken: the reader sees it too
+                return 0  # reset or broken: the reader sees it too
             return await self._write_slowly(sock, frames, data, sent)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return False
+            return _whole_frames(frames, self._sent) if self._batch is frames else 0
         finally:
             lock.release()
 
     async def _write_slowly(
         self, sock: trio.socket.SocketType, frames: list[Frame], data: bytes, sent: int
-    ) -> bool:
+    ) -> int:
         view = memoryview(data)
         self._batch = frames
         self._sent = sent
@@ -405,39 +416,65 @@ class FastWriter:
             # Raises ClosedResourceError once the stream is closed (an abort).
             await trio.lowlevel.wait_writable(sock)
             if self._batch is not frames:
-                return False  # cut off by write_close_nowait: the close frame is out
+                return self._cut_whole  # cut off by write_close_nowait
             n = _write_nowait(sock, view[sent:])
             if n < 0:
-                return False
+                return _whole_frames(frames, sent)
             sent += n
             self._sent = sent
         self._batch = None
-        return True
+        return len(frames)
 
     def write_close_nowait(self, code: int, reason: str) -> CloseWrite:
         """See ``FrameWriter.write_close_nowait``."""
+        batch = self._batch
         if self._proto.state is not ConnectionState.OPEN:
-            return CloseWrite.NOT_OPEN
+            return CloseWrite.NOT_SENT if batch is None else CloseWrite.BLOCKED
         sock = self._socket
         if sock is None:
             return CloseWrite.BLOCKED
-        batch = self._batch
-        if batch is None and self._lock.locked():
+        lock = self._lock
+        if batch is None and lock.locked():
             return CloseWrite.BLOCKED  # trio-websocket's reader is writing: progress unknown
+        if lock.statistics().tasks_waiting:
+            return CloseWrite.BLOCKED  # its pong would follow our close frame
         rest = b""
         if batch is not None:
-            end = 0
-            for frame in batch:
-                end += len(frame.wire)
-                if end > self._sent:
-                    break
+            # Finish the frame in progress, then stop: the writer writes
+            # nothing more of its batch.
+            whole = _whole_frames(batch, self._sent)
+            end = sum(len(frame.wire) for frame in batch[: whole + 1])
             rest = b"".join([f.wire for f in batch])[self._sent : end]
-        # Whatever the writer had left of its batch is never written now.
-        self._batch = None
+            self._batch = None
+            self._cut_whole = whole
         data = rest + self._proto.send(CloseConnection(code, reason))
         if _write_nowait(sock, data) != len(data):
             return CloseWrite.BLOCKED
+        if rest:
+            self._cut_whole += 1
         return CloseWrite.SENT
+
+
+def _whole_frames(frames: list[Frame], sent: int) -> int:
+    """How many of ``frames`` lie whole within their first ``sent`` bytes."""
+    whole, end = 0, 0
+    for frame in frames:
+        end += len(frame.wire)
+        if end > sent:
+            break
+        whole += 1
+    return whole
+
+
+async def abort(ws: WebSocketConnection) -> None:
+    """Close the stream under ``ws`` at once, whatever state trio-websocket is in.
+
+    ``ws.aclose()`` does nothing once trio-websocket has recorded a close
+    reason, even while a write is stuck on a client that stopped reading; this
+    closes the transport itself, which also ends that write.
+    """
+    stream = getattr(ws, "_stream", None)
+    await trio.aclose_forcefully(stream if isinstance(stream, trio.abc.Stream) else ws)
 
 
 def _write_nowait(sock: trio.socket.SocketType, data: bytes | memoryview) -> int:
