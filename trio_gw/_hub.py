@@ -235,7 +235,7 @@ class HandlerManager:
             HubClosedError: the hub is not running.
             HubOverloadedError: the hub's command queue is full.
         """
-        if handler.closing:
+        if handler.closing or handler._ended:
             raise ValueError(f"{handler!r} is closing and cannot be registered")
         if self._registry.get(handler.session_id) is not handler:
             self._submit_nowait(_Register(handler))
