@@ -132,9 +132,11 @@ class ServerProtocol(WSConnection):
     @property
     def state(self) -> ConnectionState:
         """The connection's state; REMOTE_CLOSING while a protocol-error close is owed."""
+        # Read on every write: kept to two attribute reads in the common case.
         if self._owed_close:
             return ConnectionState.REMOTE_CLOSING
-        return super().state
+        connection = self.connection
+        return connection.state if connection is not None else self.handshake.state
 
     def receive_data(self, data: bytes | None) -> None:
         """Feed received bytes to wsproto; remembers the request line and handshake errors."""
@@ -394,12 +396,20 @@ class FastWriter:
                 await self._stream.send_all(data)
                 return len(frames)
             # trio's send_all ends every send with a scheduling round; a
-            # socket that can take the data now takes it in one syscall.
-            sent = _write_nowait(sock, data)
+            # socket that can take the data now takes it in one syscall. The
+            # fd is read afresh (-1 once closed) with no await before the
+            # write, so a closed socket's reused fd is never written.
+            fd = sock.fileno()
+            if fd < 0:
+                return 0
+            try:
+                sent = os.write(fd, data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                return 0  # reset or broken: the reader sees it too
             if sent == len(data):
                 return len(frames)
-            if sent < 0:
-                return 0  # reset or broken: the reader sees it too
             return await self._write_slowly(sock, frames, data, sent)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return _whole_frames(frames, self._sent) if self._batch is frames else 0
