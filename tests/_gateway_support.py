@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -37,9 +38,10 @@ TRIO_GW = str(Path(sys.executable).with_name("trio-gw"))
 HS_SECRET = "a-test-secret-that-is-long-enough-for-hs256!"
 API_KEY = "test-admin-key"
 
-_READY = re.compile(
-    r"ready: (wss?)://127\.0\.0\.1:(\d+)/[^;]*(?:; admin API and dashboard on http://127\.0\.0\.1:(\d+)/)?"
-)
+# The start-up lines: one per listener, then "ready".
+CLIENTS_LINE = re.compile(r"WebSocket clients on (wss?://(?:\[[0-9a-f:]+\]|[\w.-]+):\d+)/")
+ADMIN_LINE = re.compile(r"admin API and dashboard on (https?://(?:\[[0-9a-f:]+\]|[\w.-]+):\d+)/")
+READY_LINE = re.compile(r"\bready; ")
 
 
 # --- keys and tokens -----------------------------------------------------------
@@ -113,6 +115,8 @@ def unsigned_token(sub: str = "alice") -> str:
 
 @attrs.define
 class GatewayProcess:
+    """A running ``trio-gw serve``; the URLs are its start-up lines' (without the final "/")."""
+
     process: trio.Process
     ws_url: str
     admin_url: str | None
@@ -122,10 +126,14 @@ class GatewayProcess:
         """The JSON log lines so far (needs ``--log-format json``)."""
         return [orjson.loads(line) for line in self.log if line.startswith("{")]
 
-    def admin(self, key: str | None = API_KEY) -> httpx.AsyncClient:
+    def admin(
+        self, key: str | None = API_KEY, *, verify: ssl.SSLContext | bool = True
+    ) -> httpx.AsyncClient:
         headers = {"authorization": f"Bearer {key}"} if key else {}
         assert self.admin_url is not None
-        return httpx.AsyncClient(base_url=self.admin_url, headers=headers, timeout=10)
+        return httpx.AsyncClient(
+            base_url=self.admin_url, headers=headers, timeout=10, verify=verify
+        )
 
 
 def write_config(directory: Path, text: str) -> Path:
@@ -161,7 +169,6 @@ async def gateway_process(
         )
         log: list[str] = []
         ready = trio.Event()
-        found: list[re.Match[str]] = []
 
         async def read_log() -> None:
             assert process.stderr is not None
@@ -172,19 +179,17 @@ async def gateway_process(
                 for raw in lines:
                     line = raw.decode()
                     log.append(line)
-                    if not found and (match := _READY.search(line)):
-                        found.append(match)
+                    if READY_LINE.search(line):
                         ready.set()
             ready.set()
 
         nursery.start_soon(read_log)
         await ready.wait()
-        assert found, "trio-gw exited before it was ready:\n" + "\n".join(log)
-        match = found[0]
-        admin = f"http://127.0.0.1:{match.group(3)}" if match.group(3) else None
-        gateway = GatewayProcess(
-            process, f"{match.group(1)}://127.0.0.1:{match.group(2)}", admin, log
-        )
+        startup = "\n".join(log)
+        clients = CLIENTS_LINE.search(startup)
+        assert clients, "trio-gw exited before it was ready:\n" + startup
+        admin = ADMIN_LINE.search(startup)
+        gateway = GatewayProcess(process, clients.group(1), admin and admin.group(1), log)
         try:
             yield gateway
         finally:

@@ -94,9 +94,10 @@ GATEWAY_ENV = {
     "TRIO_GW_HEARTBEAT_INTERVAL": "0.25",
     "TRIO_GW_HEARTBEAT_TIMEOUT": "0.5",
 }
-READY = re.compile(
-    r"ready: ws://127\.0\.0\.1:(\d+)/.*admin API and dashboard on (http://127\.0\.0\.1:\d+)/"
-)
+# The start-up lines: one per listener, then "ready".
+CLIENTS_LINE = re.compile(r"WebSocket clients on ws://127\.0\.0\.1:(\d+)/")
+ADMIN_LINE = re.compile(r"admin API and dashboard on (http://127\.0\.0\.1:\d+)/")
+READY_LINE = re.compile(r"\bready; ")
 ECHO_REQUEST = {
     "type": "request",
     "payload": {"service": "s", "method": "m", "params": [1], "trace_id": "t"},
@@ -138,14 +139,16 @@ class Gateway:
         log: list[str] = []
         for line in process.stderr:
             log.append(line)
-            if match := READY.search(line):
+            if READY_LINE.search(line):
                 break
-        else:
-            raise SystemExit("trio-gw exited before it was ready:\n" + "".join(log))
+        startup = "".join(log)
+        clients, admin_line = CLIENTS_LINE.search(startup), ADMIN_LINE.search(startup)
+        if clients is None or admin_line is None:
+            raise SystemExit("trio-gw exited before it was ready:\n" + startup)
         reader = threading.Thread(target=lambda: log.extend(process.stderr or []), daemon=True)
         reader.start()
-        admin = httpx.Client(base_url=match.group(2), timeout=IO_TIMEOUT)
-        return cls(process, int(match.group(1)), admin, log, reader)
+        admin = httpx.Client(base_url=admin_line.group(1), timeout=IO_TIMEOUT)
+        return cls(process, int(clients.group(1)), admin, log, reader)
 
     def tail(self, lines: int = 40) -> str:
         return "".join(self.log[-lines:])

@@ -43,10 +43,12 @@ async def test_serve_dev_mode_echo_and_sigterm() -> None:
             )
             log = b""
             assert process.stderr is not None
-            while (match := re.search(rb"ready: ws://127\.0\.0\.1:(\d+)", log)) is None:
+            while re.search(rb"\bready; ", log) is None:
                 chunk = await process.stderr.receive_some()
                 assert chunk, log.decode()
                 log += chunk
+            match = re.search(rb"WebSocket clients on ws://127\.0\.0\.1:(\d+)/", log)
+            assert match is not None, log.decode()
             assert b"DEV MODE" in log
             url = f"ws://127.0.0.1:{int(match.group(1))}/?token=alice"
             hello, response = await trio.to_thread.run_sync(echo_round_trip, url, {"a": 1}, "t-9")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import re
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,21 @@ class Spec:
             {**schema, "components": self.document["components"]}
         )
         return validator.is_valid(body)
+
+
+async def history_until(
+    get: Callable[[str], Awaitable[tuple[int, Any]]], seen: Callable[[dict[str, Any]], bool]
+) -> Any:
+    """Poll ``GET /api/history`` until its newest sample is ``seen``; return that answer.
+
+    The sampler takes one a second; the caller's ``fail_after`` bounds the wait.
+    """
+    while True:
+        status, kept = await get("/api/history")
+        assert status == 200, kept
+        if kept["samples"] and seen(kept["samples"][-1]):
+            return kept
+        await trio.sleep(0.05)
 
 
 async def test_every_endpoint_against_the_openapi_document(tmp_path: Path) -> None:
@@ -117,6 +134,11 @@ async def test_every_endpoint_against_the_openapi_document(tmp_path: Path) -> No
             assert mine["items"][0]["valid_until"] is not None
             status, stats = await get("/api/statistics")
             assert stats["connections"] == 3 and stats["users"] == 2
+            kept = await history_until(get, lambda s: (s["connections"], s["users"]) == (3, 2))
+            assert (kept["interval"], kept["capacity"]) == (1.0, 900)
+            last = kept["samples"][-1]["seq"]
+            status, newer = await get("/api/history", f"/api/history?after={last}")
+            assert all(s["seq"] > last for s in newer["samples"])
 
             # errors: unknown session 404, bad bodies 400 naming the field, bad paging 400
             status, body = await post("/api/send/session", {"session_id": "hub:nope", "message": 1})
@@ -149,6 +171,8 @@ async def test_every_endpoint_against_the_openapi_document(tmp_path: Path) -> No
             assert status == 400 and body["detail"].startswith("limit:")
             status, body = await get("/api/users", "/api/users?offset=x")
             assert status == 400 and body["detail"].startswith("offset:")
+            status, body = await get("/api/history", "/api/history?after=-1")
+            assert status == 400 and body["detail"].startswith("after:")
 
             # without the key: 401, counted
             async with gateway.admin(key=None) as anonymous, gateway.admin("wrong") as wrong:
@@ -191,6 +215,51 @@ async def test_every_endpoint_against_the_openapi_document(tmp_path: Path) -> No
             }
             assert spec.checked == documented
             assert {(method.lower(), path) for method, path in API_ROUTES} == documented
+
+
+async def test_history_follows_the_clients(tmp_path: Path) -> None:
+    # One sample a second from the sampler in the real process: gauges as they
+    # were, counters as read, rates as their growth per second; oldest first,
+    # numbered without gaps, and never more than its capacity.
+    config = write_config(tmp_path, CONFIG)
+    with trio.fail_after(TIMEOUT):
+        async with gateway_process("--config", str(config)) as gateway, gateway.admin() as admin:
+
+            async def get(path: str) -> tuple[int, Any]:
+                response = await admin.get(path)
+                return response.status_code, response.json()
+
+            await history_until(get, lambda s: s["connections"] == 0)
+            async with (
+                client(gateway.ws_url, token(HS_SECRET, "HS256", sub="ann")) as (ws1, _),
+                client(gateway.ws_url, token(HS_SECRET, "HS256", sub="ann")) as (ws2, _),
+                client(gateway.ws_url, token(HS_SECRET, "HS256", sub="ben")) as (ws3, _),
+            ):
+                # Out: a hello to each, then an error answer to each "{}".
+                for ws in (ws1, ws2, ws3):
+                    await ws.send_message("{}")
+                    assert "error" in await receive_json(ws)
+                with_clients = await history_until(
+                    get, lambda s: (s["connections"], s["users"]) == (3, 2)
+                )
+                counted = with_clients["samples"][-1]
+                await history_until(get, lambda s: s["messages_out_total"] >= 6)
+            kept = await history_until(get, lambda s: s["connections"] == 0)
+    samples = kept["samples"]
+    assert kept["capacity"] == 900 and len(samples) <= kept["capacity"]
+    assert [s["seq"] for s in samples] == list(range(samples[0]["seq"], samples[-1]["seq"] + 1))
+    assert all(a["time"] < b["time"] for a, b in itertools.pairwise(samples))
+    assert kept["started"] < samples[0]["time"]
+    assert counted in samples
+    assert max(s["connections"] for s in samples) == 3
+    # Counters only grow, and their per-second rates add up to the growth.
+    totals = [s["messages_out_total"] for s in samples]
+    assert totals == sorted(totals) and totals[0] == 0 and totals[-1] >= 6
+    grown = sum(
+        b["messages_out_per_second"] * (b["time"] - a["time"])
+        for a, b in itertools.pairwise(samples)
+    )
+    assert grown == pytest.approx(totals[-1] - totals[0], rel=0.05)
 
 
 async def test_health_readiness_and_metrics(tmp_path: Path) -> None:

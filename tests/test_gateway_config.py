@@ -29,6 +29,18 @@ def test_errors_name_the_section_and_field() -> None:
             "auth.jwt_public_key_file: RS256 needs exactly one of",
         ),
         ({"auth": {"jwks_file": "k.json"}}, "auth.jwt_algorithm: required when jwks_file is set"),
+        (
+            {"admin": {"tls_key_file": "k.pem"}},
+            "admin.tls_cert_file: tls_cert_file and tls_key_file go together",
+        ),
+        (
+            {"admin": {"use_client_tls": True, "tls_cert_file": "c.pem", "tls_key_file": "k.pem"}},
+            "admin.use_client_tls: reuses [tls]'s files, so set it or tls_cert_file and",
+        ),
+        (
+            {"admin": {"use_client_tls": True}},
+            "admin.use_client_tls: needs [tls] cert_file and key_file",
+        ),
     ):
         with pytest.raises(ConfigError) as error:
             GatewayConfig.from_mapping(data)
@@ -85,3 +97,16 @@ def test_from_env_and_evolve() -> None:
         config.evolve(backend={"max_inflight": 0})
     with pytest.raises(ConfigError, match="unknown section: nope"):
         config.evolve(nope={})
+
+
+def test_admin_tls_files_are_its_own_or_the_clients() -> None:
+    assert GatewayConfig().admin_tls_files is None
+    own = GatewayConfig.from_env(
+        {"TRIO_GW_ADMIN_TLS_CERT_FILE": "a.pem", "TRIO_GW_ADMIN_TLS_KEY_FILE": "a.key"}
+    )
+    assert own.admin_tls_files == ("a.pem", "a.key")
+    client_tls = {"cert_file": "c.pem", "key_file": "c.key"}
+    reused = GatewayConfig.from_mapping({"tls": client_tls, "admin": {"use_client_tls": True}})
+    assert reused.admin_tls_files == ("c.pem", "c.key")
+    # [tls] alone secures the clients' port only.
+    assert GatewayConfig.from_mapping({"tls": client_tls}).admin_tls_files is None

@@ -29,6 +29,7 @@ import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
 
 import attrs
 import cattrs
@@ -36,6 +37,7 @@ import orjson
 import trio
 from cattrs.preconf.orjson import make_converter
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.logging import Logger as HypercornLogger
 from hypercorn.trio import serve as hypercorn_serve
 from starlette.applications import Starlette
 from starlette.datastructures import Headers, MutableHeaders
@@ -48,7 +50,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ._close_codes import CloseCode
 from ._config import _field_first, _format_exception, _leaves
 from ._errors import HubClosedError, HubOverloadedError
-from ._hub import is_loopback
+from ._hub import is_loopback, listen_urls
 from ._metrics import CONTENT_TYPE
 from ._openapi import openapi_document
 from ._session import Session
@@ -196,20 +198,24 @@ def _error(status: int, error: str, detail: str) -> Response:
     return _json({"error": error, "detail": detail}, status)
 
 
-def _page(request: Request) -> tuple[int, int]:
-    def number(name: str, default: int, low: int, high: int) -> int:
-        raw = request.query_params.get(name)
-        if raw is None:
-            return default
-        try:
-            value = int(raw)
-        except ValueError:
-            raise _BadRequest(f"{name}: expected an integer, got {raw!r}") from None
-        if not low <= value <= high:
-            raise _BadRequest(f"{name}: expected {low}..{high}, got {value}")
-        return value
+def _query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise _BadRequest(f"{name}: expected an integer, got {raw!r}") from None
+    if not low <= value <= high:
+        raise _BadRequest(f"{name}: expected {low}..{high}, got {value}")
+    return value
 
-    return number("offset", 0, 0, _MAX_OFFSET), number("limit", _DEFAULT_PAGE, 1, _MAX_PAGE)
+
+def _page(request: Request) -> tuple[int, int]:
+    return (
+        _query_int(request, "offset", 0, 0, _MAX_OFFSET),
+        _query_int(request, "limit", _DEFAULT_PAGE, 1, _MAX_PAGE),
+    )
 
 
 def _session_info(session: Session) -> dict[str, Any]:
@@ -364,6 +370,7 @@ API_ROUTES = (
     ("GET", "/api/users"),
     ("GET", "/api/users/{user_id}/sessions"),
     ("GET", "/api/statistics"),
+    ("GET", "/api/history"),
 )
 
 
@@ -498,13 +505,26 @@ def admin_app(gateway: Gateway) -> Starlette:
             }
         )
 
+    async def history(request: Request) -> Response:
+        after = _query_int(request, "after", 0, 0, _MAX_OFFSET)
+        kept = gateway.history
+        return _json(
+            {
+                "started": kept.started,
+                "interval": kept.interval,
+                "capacity": kept.capacity,
+                "samples": [attrs.asdict(sample) for sample in kept.samples(after)],
+            }
+        )
+
     async def healthz(_request: Request) -> Response:
         return _json({"status": "ok"})
 
     async def readyz(_request: Request) -> Response:
-        if gateway.ready:
+        reason = gateway.not_ready_reason
+        if reason is None:
             return _json({"status": "ready"})
-        return _json({"status": "not ready"}, 503)
+        return _json({"status": "not ready", "reason": reason}, 503)
 
     async def prometheus(_request: Request) -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE)
@@ -531,6 +551,7 @@ def admin_app(gateway: Gateway) -> Starlette:
         "/api/users": list_users,
         "/api/users/{user_id}/sessions": user_sessions,
         "/api/statistics": statistics,
+        "/api/history": history,
     }
     routes = [
         Route("/", index, methods=["GET"]),
@@ -559,15 +580,23 @@ async def serve_admin(
 ) -> None:
     """Serve ``admin_app(gateway)`` with hypercorn until cancelled; reports the bound port.
 
+    It serves https when ``GatewayConfig.admin_tls_files`` names a certificate,
+    and logs one start-up line with its URL (plus a warning when the API key
+    would cross the network in clear).
+
     Raises:
         OSError: the admin address cannot be bound.
     """
     admin = gateway.config.admin
+    tls_files = gateway.config.admin_tls_files
     config = HypercornConfig()
     host = f"[{admin.host}]" if ":" in admin.host else admin.host  # an IPv6 literal
     config.bind = [f"{host}:{admin.port}"]
+    if tls_files is not None:
+        config.certfile, config.keyfile = tls_files
     config.accesslog = None
     config.errorlog = logger
+    config.logger_class = _HypercornLogger
     config.graceful_timeout = 1.0
 
     async def run(*, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
@@ -575,6 +604,25 @@ async def serve_admin(
 
     async with trio.open_nursery() as nursery:
         bound: list[str] = await nursery.start(run)
-        port = int(bound[0].rpartition(":")[2])
-        logger.info("admin API on http://%s:%d (dashboard at /)", admin.host, port)
-        task_status.started(port)
+        addresses = [(split.hostname or "", split.port or 0) for split in map(urlsplit, bound)]
+        scheme = "https" if tls_files is not None else "http"
+        logger.info("admin API and dashboard on %s", listen_urls(scheme, addresses))
+        if tls_files is None and not is_loopback(admin.host):
+            logger.warning(
+                "the admin API on %s is plain http: its API key crosses the network in clear; "
+                "terminate TLS in front of it, or set admin.tls_cert_file and admin.tls_key_file "
+                "(or admin.use_client_tls)",
+                admin.host,
+            )
+        task_status.started(addresses[0][1])
+
+
+class _HypercornLogger(HypercornLogger):
+    """hypercorn's logger without its "Running on ..." line: ``serve_admin`` logs its own URL.
+
+    Everything else (warnings, errors) still goes to ``config.errorlog``.
+    """
+
+    async def info(self, message: str, *args: Any, **kwargs: Any) -> None:
+        if not message.startswith("Running on "):
+            await super().info(message, *args, **kwargs)

@@ -32,6 +32,8 @@ _FLAGS: dict[str, tuple[str, str]] = {
     "backend_url": ("backend", "url"),
     "tls_cert": ("tls", "cert_file"),
     "tls_key": ("tls", "key_file"),
+    "admin_tls_cert": ("admin", "tls_cert_file"),
+    "admin_tls_key": ("admin", "tls_key_file"),
     "log_format": ("log", "format"),
     "log_level": ("log", "level"),
 }
@@ -58,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--backend-url", help="POST client requests to this URL")
         command.add_argument("--tls-cert", metavar="PEM", help="serve wss:// with this certificate")
         command.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+        command.add_argument(
+            "--admin-tls-cert", metavar="PEM", help="serve the admin API over https with this"
+        )
+        command.add_argument("--admin-tls-key", metavar="PEM", help="the admin certificate's key")
         command.add_argument("--log-format", choices=["text", "json"], help="default text")
         command.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
@@ -90,7 +96,8 @@ async def _serve(config: GatewayConfig) -> None:
                 nursery.cancel_scope.cancel()  # shut down: stop waiting for signals too
 
             gateway: Gateway = await nursery.start(run_gateway)
-            _log_ready(config, gateway)
+            # Each listener has logged its own URL; this says that all of them are up.
+            logger.info("ready; SIGTERM or Ctrl+C shuts down gracefully")
             async for signum in signals:
                 name = signal.Signals(signum).name
                 if gateway.ready:
@@ -104,17 +111,6 @@ async def _serve(config: GatewayConfig) -> None:
                     logger.warning("%s received again: exiting at once", name)
                     logging.shutdown()
                     os._exit(128 + signum)
-
-
-def _log_ready(config: GatewayConfig, gateway: Gateway) -> None:
-    scheme = "wss" if config.tls.enabled else "ws"
-    hint = "?token=<user id>" if config.auth.dev_mode else ""
-    admin = (
-        f"; admin API and dashboard on http://{config.admin.host}:{gateway.admin_port}/"
-        if gateway.admin_port is not None
-        else ""
-    )
-    logger.info("ready: %s://%s:%d/%s%s", scheme, config.hub.host, gateway.port, hint, admin)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,6 +18,7 @@ from ._devmode import dev_authorizer
 from ._errors import AuthRefused, ConfigError
 from ._forwarding import BackendForwarder, request_error
 from ._gateway_config import GatewayConfig
+from ._history import History, serve_history
 from ._hub import HandlerManager, Reply, open_hub, serve_hub
 from ._jwt import JwtVerifier, jwt_authorizer
 from ._metrics import GatewayMetrics
@@ -37,19 +38,35 @@ __all__ = ["Gateway", "check_gateway_config", "serve_gateway"]
 logger = logging.getLogger("trio_gw")
 
 
+def _server_context(field: str, cert_file: str, key_file: str) -> ssl.SSLContext:
+    """A server TLS context holding this certificate chain and key; errors name ``field``."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"{field}: cannot load {cert_file!r} with key {key_file!r}: {exc}"
+        ) from None
+    return context
+
+
 def _tls_context(config: GatewayConfig) -> ssl.SSLContext | None:
     tls = config.tls
     if not tls.enabled:
         return None
     assert tls.cert_file is not None and tls.key_file is not None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(tls.cert_file, tls.key_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(
-            f"tls.cert_file: cannot load {tls.cert_file!r} with key {tls.key_file!r}: {exc}"
-        ) from None
-    return context
+    return _server_context("tls.cert_file", tls.cert_file, tls.key_file)
+
+
+def _check_admin_tls(config: GatewayConfig) -> None:
+    """Load the admin port's own certificate and key once, so that a bad file is a ConfigError.
+
+    (hypercorn loads them again itself; ``admin.use_client_tls`` files are ``[tls]``'s,
+    which ``_tls_context`` loads.)
+    """
+    admin = config.admin
+    if admin.enabled and admin.tls_cert_file is not None and admin.tls_key_file is not None:
+        _server_context("admin.tls_cert_file", admin.tls_cert_file, admin.tls_key_file)
 
 
 def check_gateway_config(config: GatewayConfig) -> None:
@@ -61,6 +78,7 @@ def check_gateway_config(config: GatewayConfig) -> None:
     if not config.auth.dev_mode:
         JwtVerifier(config.auth)
     _tls_context(config)
+    _check_admin_tls(config)
 
 
 @attrs.define(eq=False)
@@ -73,6 +91,7 @@ class Gateway:
         port: The bound WebSocket port.
         admin_port: The bound admin HTTP port, or None if the admin API is off.
         metrics: Its Prometheus metrics.
+        history: The last 15 minutes of its statistics (sampled while the admin API is on).
     """
 
     config: GatewayConfig
@@ -84,11 +103,25 @@ class Gateway:
     admin_port: int | None = None
     _ready: bool = False
     _shutdown_requested: trio.Event = attrs.Factory(trio.Event)
+    history: History = attrs.Factory(History)
 
     @property
     def ready(self) -> bool:
         """True while the listener is bound and the gateway is not shutting down."""
         return self._ready
+
+    @property
+    def not_ready_reason(self) -> str | None:
+        """Why ``/readyz`` answers 503, or None when it answers 200.
+
+        Not ready: before the listener is bound, once a shutdown starts, and
+        while an ``auth.jwks_url`` key set has never been loaded.
+        """
+        if not self._ready:
+            return "not serving (starting or shutting down)"
+        if self._verifier is not None and not self._verifier.keys_loaded:
+            return "no signing keys loaded yet from auth.jwks_url"
+        return None
 
     def shutdown(self) -> None:
         """Start a graceful shutdown; ``serve_gateway`` returns once it is done.
@@ -131,7 +164,7 @@ class Gateway:
                 raise AuthRefused(400, "payload.token: expected a string")
             if self._verifier is None:
                 raise AuthRefused(400, "dev mode: tokens are not checked")
-            identity = self._verifier.verify(token)
+            identity = await self._verifier.check(token)
         except AuthRefused as exc:
             metrics.auth_refreshes.labels("invalid").inc()
             logger.info(
@@ -267,8 +300,13 @@ async def serve_gateway(
     Resource handling:
         Everything runs in this task's nurseries: the hub with its
         connections (each backend call runs in the nursery of the session
-        that made it), the httpx client, and the admin HTTP server.
-        ``shutdown()`` stops them in order (listener, clients, admin API).
+        that made it), the httpx client, and the admin HTTP server with
+        its statistics sampler (``serve_history``, which only reads
+        ``hub.statistics()``). ``shutdown()`` stops them in order (listener,
+        clients, admin API).
+        With ``auth.jwks_url``, the key set's refresh task
+        (``JwtVerifier.serve_jwks_refresh``) runs beside the admin API and
+        stops with it.
         Cancelling this task stops them too; the hub still closes its clients
         with 1001, for at most ``hub.shutdown_timeout``.
 
@@ -279,6 +317,7 @@ async def serve_gateway(
     verifier = None if config.auth.dev_mode else JwtVerifier(config.auth)
     authorizer: Authorizer = dev_authorizer if verifier is None else jwt_authorizer(verifier)
     ssl_context = _tls_context(config)
+    _check_admin_tls(config)
     backend = config.backend
     if config.auth.dev_mode:
         logger.warning(
@@ -299,15 +338,24 @@ async def serve_gateway(
             assert gateway is not None
             await gateway.on_message(reply, session, message)
 
+        if verifier is not None and verifier.jwks_url is not None:
+            # Clients are served after the first fetch, failed or not (then
+            # handshakes get 503 until a retry loads the keys).
+            await admin_nursery.start(verifier.serve_jwks_refresh)
         async with open_hub(
             "trio-gw", "hub", on_message, config=config.hub, authorizer=authorizer
         ) as hub:
             metrics = GatewayMetrics(hub.statistics, backend.max_inflight)
+            if verifier is not None and verifier.jwks_url is not None:
+                metrics.watch_jwks(verifier.jwks_statistics)
             forwarder = (
                 BackendForwarder(backend, client, metrics) if backend.url is not None else None
             )
             gateway = Gateway(config, hub, metrics, verifier, forwarder)
             if config.admin.enabled:
+                await admin_nursery.start(
+                    serve_history, gateway.history, hub.statistics, metrics.backend_errors_total
+                )
                 gateway.admin_port = await admin_nursery.start(serve_admin, gateway)
             async with trio.open_nursery() as listener:
                 gateway.port = await listener.start(

@@ -69,7 +69,8 @@ class AuthConfig:
     Set ``jwt_algorithm`` and its key to check JSON Web Tokens instead.
     """
 
-    #: "HS256" (shared secret), "RS256" or "ES256" (public key or JWKS); unset: dev mode.
+    #: "HS256" (shared secret), "RS256" or "ES256" (public key, JWKS file or JWKS URL);
+    #: unset: dev mode.
     jwt_algorithm: str | None = attrs.field(
         default=None,
         validator=_check(
@@ -87,6 +88,25 @@ class AuthConfig:
     #: RS256/ES256: a JWKS file (``{"keys": [...]}``); the token's ``kid`` picks the key.
     jwks_file: str | None = attrs.field(
         default=None, validator=_check(_optional(_non_empty_str), "a file path")
+    )
+    #: RS256/ES256: a JWKS URL (an identity provider's ``.../jwks.json``), fetched at
+    #: start, every ``jwks_refresh_interval``, and when a token's ``kid`` is unknown.
+    jwks_url: str | None = attrs.field(
+        default=None, validator=_check(_optional(_http_url), "an http:// or https:// URL")
+    )
+    #: Seconds between background fetches of ``jwks_url``.
+    jwks_refresh_interval: float = attrs.field(
+        default=300.0, validator=_check(_positive_number, "a number > 0 (seconds)")
+    )
+    #: Fewest seconds between two fetches of ``jwks_url`` on an unknown ``kid``, so
+    #: that tokens with made-up kids cannot hammer the provider; failed fetches are
+    #: retried with a backoff that grows to this.
+    jwks_min_refresh_interval: float = attrs.field(
+        default=30.0, validator=_check(_positive_number, "a number > 0 (seconds)")
+    )
+    #: Seconds one fetch of ``jwks_url`` may take in all, connecting included.
+    jwks_timeout: float = attrs.field(
+        default=5.0, validator=_check(_positive_number, "a number > 0 (seconds)")
     )
     #: Required ``aud`` claim, if set.
     audience: str | None = attrs.field(
@@ -114,6 +134,7 @@ class AuthConfig:
             "jwt_secret": self.jwt_secret,
             "jwt_public_key_file": self.jwt_public_key_file,
             "jwks_file": self.jwks_file,
+            "jwks_url": self.jwks_url,
         }
         given = sorted(name for name, value in keys.items() if value is not None)
         if algorithm is None:
@@ -125,8 +146,9 @@ class AuthConfig:
             return
         if algorithm == "HS256":
             if given != ["jwt_secret"]:
+                field = "jwks_url" if "jwks_url" in given else "jwt_secret"
                 raise ConfigError(
-                    f"jwt_secret: HS256 needs jwt_secret and no key file, got {given or 'none'}"
+                    f"{field}: HS256 needs jwt_secret and no key file or URL, got {given or 'none'}"
                 )
             assert self.jwt_secret is not None
             if len(self.jwt_secret.encode()) < _MIN_HMAC_SECRET_BYTES:
@@ -134,10 +156,16 @@ class AuthConfig:
                     f"jwt_secret: expected at least {_MIN_HMAC_SECRET_BYTES} bytes for HS256, "
                     f"got {len(self.jwt_secret.encode())}"
                 )
-        elif given not in (["jwt_public_key_file"], ["jwks_file"]):
+        elif given not in (["jwt_public_key_file"], ["jwks_file"], ["jwks_url"]):
+            field = "jwks_url" if "jwks_url" in given else "jwt_public_key_file"
             raise ConfigError(
-                f"jwt_public_key_file: {algorithm} needs exactly one of jwt_public_key_file "
-                f"or jwks_file (and no jwt_secret), got {given or 'none'}"
+                f"{field}: {algorithm} needs exactly one of jwt_public_key_file, jwks_file "
+                f"or jwks_url (and no jwt_secret), got {given or 'none'}"
+            )
+        if self.jwks_min_refresh_interval > self.jwks_refresh_interval:
+            raise ConfigError(
+                f"jwks_min_refresh_interval: expected at most jwks_refresh_interval "
+                f"({self.jwks_refresh_interval!r}), got {self.jwks_min_refresh_interval!r}"
             )
 
     @property
@@ -191,6 +219,29 @@ class AdminConfig:
     api_key: str | None = attrs.field(
         default=None, validator=_check(_optional(_non_empty_str), "a non-empty string"), repr=False
     )
+    #: Serve the admin port over https with this PEM certificate chain (with
+    #: ``tls_key_file``; both or neither).
+    tls_cert_file: str | None = attrs.field(
+        default=None, validator=_check(_optional(_non_empty_str), "a file path")
+    )
+    #: The PEM private key of ``tls_cert_file``.
+    tls_key_file: str | None = attrs.field(
+        default=None, validator=_check(_optional(_non_empty_str), "a file path")
+    )
+    #: Serve the admin port over https with ``[tls]``'s certificate and key
+    #: (instead of ``tls_cert_file`` and ``tls_key_file``).
+    use_client_tls: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError(
+                "tls_cert_file: tls_cert_file and tls_key_file go together, set both or neither"
+            )
+        if self.use_client_tls and self.tls_cert_file is not None:
+            raise ConfigError(
+                "use_client_tls: reuses [tls]'s files, so set it or tls_cert_file and "
+                "tls_key_file, not both"
+            )
 
 
 @attrs.frozen(kw_only=True)
@@ -254,7 +305,8 @@ class GatewayConfig:
 
     Build it with ``from_toml``, ``from_env`` or ``from_mapping``; ``evolve``
     applies flags. Cross-section rules are checked too: without auth, the hub
-    binds loopback only, and a non-loopback admin port needs an API key.
+    binds loopback only, a non-loopback admin port needs an API key, and
+    ``admin.use_client_tls`` needs ``[tls]``.
     """
 
     hub: HubConfig = attrs.Factory(HubConfig)
@@ -280,6 +332,20 @@ class GatewayConfig:
                 raise ConfigError(
                     "admin.api_key: required once auth is configured (or set admin.enabled = false)"
                 )
+        if self.admin.enabled and self.admin.use_client_tls and not self.tls.enabled:
+            raise ConfigError(
+                "admin.use_client_tls: needs [tls] cert_file and key_file to reuse, and none is set"
+            )
+
+    @property
+    def admin_tls_files(self) -> tuple[str, str] | None:
+        """The certificate chain and key the admin port serves https with, or None for http."""
+        admin, tls = self.admin, self.tls
+        if admin.tls_cert_file is not None and admin.tls_key_file is not None:
+            return admin.tls_cert_file, admin.tls_key_file
+        if admin.use_client_tls and tls.cert_file is not None and tls.key_file is not None:
+            return tls.cert_file, tls.key_file
+        return None
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> GatewayConfig:

@@ -1223,17 +1223,36 @@ async def serve_hub(
         for listener in listeners:
             nursery.start_soon(hub._accept_loop, listener)
         logger.info(
-            "hub %s (%s) listening on %s",
+            "WebSocket clients on %s (hub %s, service %s)",
+            listen_urls(scheme, addresses),
             hub.instance_id,
             hub.service_name,
-            ", ".join(
-                f"{scheme}://[{a}]:{p}/" if ":" in a else f"{scheme}://{a}:{p}/"
-                for a, p in addresses
-            ),
         )
         task_status.started(addresses[0][1])
         await trio.sleep_forever()
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def listen_urls(scheme: str, addresses: list[tuple[str, int]]) -> str:
+    """Bound addresses as URLs a person can paste, for the one start-up line of a listener.
+
+    IPv6 addresses go in brackets; a wildcard bind (``0.0.0.0``, ``::``) is shown
+    as such, with a hint, since it is not where to connect to from elsewhere.
+    """
+    urls = [
+        f"{scheme}://[{host}]:{port}/" if ":" in host else f"{scheme}://{host}:{port}/"
+        for host, port in addresses
+    ]
+    if any(_is_unspecified(host) for host, _ in addresses):
+        return ", ".join(urls) + " (all interfaces: use this host's name or address)"
+    return ", ".join(urls)
+
+
+def _is_unspecified(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
 
 
 def _listener_address(

@@ -7,13 +7,18 @@ admin refusals are recorded as they happen.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ._statistics import HubStatistics
+
+if TYPE_CHECKING:
+    from ._jwt import JwksStatistics
 
 __all__ = ["CONTENT_TYPE", "GatewayMetrics"]
 
@@ -83,6 +88,29 @@ class _HubCollector(Collector):
         yield closes
 
 
+class _JwksCollector(Collector):
+    """The ``auth.jwks_url`` key set and its fetches, read from the verifier per scrape."""
+
+    def __init__(self, statistics: Callable[[], JwksStatistics]) -> None:
+        self._statistics = statistics
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._statistics()
+        yield CounterMetricFamily("trio_gw_jwks_fetches", "Fetches of auth.jwks_url.", s.fetches)
+        yield CounterMetricFamily(
+            "trio_gw_jwks_fetch_errors",
+            "Fetches of auth.jwks_url that failed (the last good key set stays in use).",
+            s.fetch_errors,
+        )
+        yield GaugeMetricFamily("trio_gw_jwks_keys", "Signing keys in the set in use.", s.keys)
+        if s.loaded_at is not None:
+            yield GaugeMetricFamily(
+                "trio_gw_jwks_age_seconds",
+                "Seconds since auth.jwks_url was last fetched successfully.",
+                max(0.0, time.time() - s.loaded_at),
+            )
+
+
 class GatewayMetrics:
     """The gateway's metrics, in a registry of its own (not prometheus-client's global one).
 
@@ -127,6 +155,21 @@ class GatewayMetrics:
             "Admin API requests refused for a missing or wrong API key.",
             registry=self.registry,
         )
+
+    def backend_errors_total(self) -> int:
+        """Requests answered with an error instead of a backend result so far, any code."""
+        return round(
+            sum(
+                sample.value
+                for family in self.backend_errors.collect()
+                for sample in family.samples
+                if sample.name.endswith("_total")
+            )
+        )
+
+    def watch_jwks(self, statistics: Callable[[], JwksStatistics]) -> None:
+        """Export the ``auth.jwks_url`` metrics, reading ``statistics()`` at each scrape."""
+        self.registry.register(_JwksCollector(statistics))
 
     def exposition(self) -> bytes:
         """The metrics in Prometheus's text format."""

@@ -86,6 +86,19 @@ _USER_IDS = {"type": "array", "items": {"type": "string", "minLength": 1}, "minI
 _MESSAGE = {"description": "Any JSON value; a string is sent as it is, anything else as JSON."}
 
 
+_HISTORY_FIELDS = [
+    f"{counter}_{kind}"
+    for counter in (
+        "messages_in",
+        "messages_out",
+        "drops",
+        "slow_consumer_closes",
+        "backend_errors",
+    )
+    for kind in ("total", "per_second")
+]
+
+
 def _page_of(item: dict[str, Any]) -> dict[str, Any]:
     return {
         "type": "object",
@@ -239,6 +252,52 @@ def _schemas() -> dict[str, Any]:
                 "closes_by_code": {"type": "object", "additionalProperties": {"type": "integer"}},
             },
         },
+        "History": {
+            "type": "object",
+            "required": ["started", "interval", "capacity", "samples"],
+            "properties": {
+                "started": {
+                    **nullable_number,
+                    "description": "Unix time the sampler started (null: not yet); "
+                    "a new value means a new history, whose `seq` starts again at 1.",
+                },
+                "interval": {"type": "number", "description": "Seconds between samples."},
+                "capacity": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "description": "The most samples kept: the oldest go first.",
+                },
+                "samples": {
+                    "type": "array",
+                    "items": _ref("HistorySample"),
+                    "description": "Oldest first.",
+                },
+            },
+        },
+        "HistorySample": {
+            "type": "object",
+            "required": ["seq", "time", "connections", "users", *_HISTORY_FIELDS],
+            "properties": {
+                "seq": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "description": "Position in this history: 1, 2, 3... without gaps.",
+                },
+                "time": {"type": "number", "description": "Unix time of the reading"},
+                "connections": {"type": "integer", "minimum": 0},
+                "users": {"type": "integer", "minimum": 0},
+                **{
+                    name: {"type": "integer", "minimum": 0, "description": "The counter as read."}
+                    if name.endswith("_total")
+                    else {
+                        "type": "number",
+                        "minimum": 0,
+                        "description": "The counter's growth since the sample before, per second.",
+                    }
+                    for name in _HISTORY_FIELDS
+                },
+            },
+        },
     }
 
 
@@ -294,6 +353,27 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "Hub statistics",
                     "operationId": "statistics",
                     "responses": _responses("Statistics"),
+                }
+            },
+            "/api/history": {
+                "get": {
+                    "summary": "The last 15 minutes of statistics, one sample a second",
+                    "operationId": "history",
+                    "parameters": [
+                        {
+                            "name": "after",
+                            "in": "query",
+                            "description": "Only the samples whose `seq` is greater "
+                            "(to poll for new ones).",
+                            "schema": {
+                                "type": "integer",
+                                "minimum": 0,
+                                "maximum": (1 << 63) - 1,
+                                "default": 0,
+                            },
+                        }
+                    ],
+                    "responses": _responses("History", 400),
                 }
             },
         },
