@@ -691,26 +691,3 @@ async def test_refused_refreshes_are_retried_a_bounded_number_of_times(
 
 
 # --- the README --------------------------------------------------------------------------
-
-
-def test_readme_client_example_runs_as_printed(tmp_path: Path) -> None:
-    import re
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    match = re.search(
-        r"<!-- client-example[^>]*-->\n```python\n(.*?)```\n\nIt prints:\n\n```text\n(.*?)```",
-        readme,
-        re.S,
-    )
-    assert match, "README lost its client example"
-    script = tmp_path / "client_example.py"
-    script.write_text(match.group(1))
-    result = subprocess.run(
-        [sys.executable, "-W", "error", str(script)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == match.group(2).splitlines()

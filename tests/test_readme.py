@@ -11,9 +11,14 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
-def test_embedding_example_runs_as_printed(tmp_path: Path) -> None:
-    match = re.search(r"<!-- embedding-example[^>]*-->\n```python\n(.*?)```", README, re.S)
-    assert match, "README lost its embedding example"
+def run_example(marker: str, tmp_path: Path) -> tuple[list[str], list[str]]:
+    """Run the README's ``marker`` example block; its output lines, and the printed ones."""
+    match = re.search(
+        rf"<!-- {marker}[^>]*-->\n```python\n(.*?)```\n\nIt prints:\n\n```text\n(.*?)```",
+        README,
+        re.S,
+    )
+    assert match, f"README lost its {marker}"
     script = tmp_path / "example.py"
     script.write_text(match.group(1))
     result = subprocess.run(
@@ -24,13 +29,24 @@ def test_embedding_example_runs_as_printed(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+    return result.stdout.splitlines(), match.group(2).splitlines()
+
+
+def test_embedding_example_runs_as_printed(tmp_path: Path) -> None:
+    lines, printed = run_example("embedding-example", tmp_path)
+    assert printed[0] == "alice Alice node-1:…"
     assert lines[0].startswith("alice Alice node-1:")
     assert lines[1:] == [
         "{'you_said': {'ping': 1}, 'user': 'alice'}",
         "{'news': 'hello, Alice'}",
         "1 session closed",
     ]
+    assert lines[1:] == printed[1:]
+
+
+def test_client_example_runs_as_printed(tmp_path: Path) -> None:
+    lines, printed = run_example("client-example", tmp_path)
+    assert lines == printed
 
 
 def test_ci_runs_the_readme_test_command() -> None:
