@@ -253,3 +253,32 @@ async def test_non_string_fields_are_refused_not_coerced(tmp_path: Path) -> None
         {"service": "orders", "method": "lookup", "params": None, "trace_id": generated},
         {"service": "orders", "method": "lookup", "params": None, "trace_id": "t-ok"},
     ]
+
+
+async def test_the_python_client_drives_the_forwarding(tmp_path: Path) -> None:
+    """What a service using ``trio_gw.client`` sees: results, and typed errors it can act on."""
+    from trio_gw.client import RequestError, open_client
+
+    async with http_backend() as backend:
+        config = config_for(tmp_path, backend.url, timeout=0.5)
+        with trio.fail_after(TIMEOUT):
+            async with (
+                gateway_process("--config", str(config)) as gateway,
+                open_client(gateway.ws_url, token=token(HS_SECRET, "HS256")) as c,
+            ):
+                result = await c.request("orders", "lookup", {"id": 7})
+                assert result["params"] == {"id": 7}
+                assert result["user_id"] == "alice"
+                assert result["session_id"] == c.session_id
+                failures = {}
+                for method in ("fail", "hang", "text"):
+                    try:
+                        await c.request("orders", method, None)
+                    except RequestError as exc:
+                        failures[method] = exc
+                # The connection outlives every failure.
+                assert (await c.request("orders", "lookup", [1]))["params"] == [1]
+    assert failures["fail"].code == "backend_status" and failures["fail"].status == 500
+    assert failures["hang"].code == "backend_timeout"
+    assert failures["text"].code == "backend_bad_reply"
+    assert all(exc.trace_id for exc in failures.values())
