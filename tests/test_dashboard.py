@@ -205,6 +205,8 @@ async def test_dashboard_filters_and_closes_sessions_and_users(tmp_path: Path, d
             a_id, b_id = a_hello["session_id"], b_hello["session_id"]
             await run(load_dashboard, driver, gateway.admin_url, 2)
             await run(table_shows, driver, {a_id, b_id}, set())
+            # The history holds a sample with both connected (checked after a reload below).
+            await run(attribute_becomes, driver, "#chart-connections", "data-latest", "2")
 
             # A user's own view: click the user id (GET /api/users/{user_id}/sessions).
             await run(click, driver, f'tr[data-session-id="{b_id}"] .user-link')
