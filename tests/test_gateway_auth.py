@@ -353,6 +353,7 @@ async def test_absurd_claims_are_refused_with_401(tmp_path: Path) -> None:
         "sub NUL": (token(key, sub="alice\x00", **CLAIMS), "control characters"),
         "sub DEL": (token(key, sub="al\x7fice", **CLAIMS), "control characters"),
         "sub C1": (token(key, sub="alice\x85", **CLAIMS), "control characters"),
+        "sub RLO": (token(key, sub="ali\u202ece", **CLAIMS), "control characters"),
     }
     with trio.fail_after(TIMEOUT):
         async with gateway_process("--config", str(config)) as gateway:

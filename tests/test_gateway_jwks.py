@@ -12,6 +12,7 @@ retry, the test waits for the retries (their count, in /metrics) to happen.
 
 from __future__ import annotations
 
+import gzip
 import logging
 import socket
 import subprocess
@@ -34,6 +35,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from trio_gw import ConfigError, GatewayConfig
+from trio_gw._jwt import _parse_jwks
 
 from ._gateway_support import API_KEY, TRIO_GW, GatewayProcess, gateway_process, token, write_config
 from .conftest import TIMEOUT, client
@@ -98,6 +100,13 @@ class JwksServer:
                 return JSONResponse({"keys": [_jwk("ec-1", ec_key, "ES256")]})
             case "hang":
                 await trio.sleep_forever()
+            case "gzip":  # a small body that would inflate past any bound
+                keys = {"keys": [_jwk(k, self.private[k]) for k in self.served]}
+                return Response(
+                    gzip.compress(orjson.dumps(keys)),
+                    media_type="application/json",
+                    headers={"content-encoding": "gzip"},
+                )
         raise AssertionError(self.answer)
 
 
@@ -323,6 +332,7 @@ async def test_not_ready_until_the_first_key_set_is_loaded(tmp_path: Path) -> No
         ("too large", "is larger than 1048576 bytes"),
         ("no RS256 key", "holds no RS256 key"),
         ("hang", "no complete answer within 0.5s"),
+        ("gzip", "is compressed (gzip); only identity is accepted"),
     ],
 )
 async def test_a_failing_provider_leaves_the_last_good_key_set_in_use(
@@ -427,3 +437,25 @@ def test_check_config_checks_the_url_without_fetching_it(tmp_path: Path) -> None
     )
     assert bad.returncode == 2
     assert "auth.jwks_url: expected an http:// or https:// URL" in bad.stderr
+
+
+def test_keys_the_gateway_cannot_use_do_not_spoil_the_set() -> None:
+    """A numeric kid (once crashed the refresh task), "alg": "none", a key for another
+    algorithm, a malformed member and a repeated kid are skipped; the usable key stands."""
+    good, other = rsa.generate_private_key(65537, 2048), rsa.generate_private_key(65537, 2048)
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    document = {
+        "keys": [
+            {**_jwk("numeric", good), "kid": 7},
+            {"kty": "oct", "k": "c2VjcmV0", "alg": "none", "kid": "none"},
+            _jwk("ec-1", ec_key, "ES256"),
+            {"kty": "RSA", "kid": "broken", "n": 5},
+            "not an object",
+            _jwk("rsa-1", good),
+            _jwk("rsa-1", other),
+        ]
+    }
+    keys = _parse_jwks(orjson.dumps(document), "RS256")
+    assert list(keys) == ["rsa-1"]
+    signed = jwt.encode({"sub": "a"}, good, algorithm="RS256")
+    assert jwt.decode(signed, keys["rsa-1"].key, algorithms=["RS256"]) == {"sub": "a"}

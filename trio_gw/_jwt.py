@@ -58,16 +58,24 @@ def _parse_jwks(data: bytes, algorithm: str) -> dict[str, jwt.PyJWK]:
     """
     try:
         document = orjson.loads(data)
-        if not isinstance(document, dict):
-            raise TypeError(f"expected a JSON object, got {type(document).__name__}")
-        keys = jwt.PyJWKSet.from_dict(document)
-    except (orjson.JSONDecodeError, jwt.PyJWKSetError, jwt.PyJWKError, TypeError) as exc:
+    except orjson.JSONDecodeError as exc:
         raise _JwksError(f"is not a JWKS document ({exc})") from None
+    raw_keys = document.get("keys") if isinstance(document, dict) else None
+    if not isinstance(raw_keys, list):
+        raise _JwksError('is not a JWKS document (no "keys" array)')
+    # Key by key, so that one key this gateway cannot use (another algorithm,
+    # "alg": "none", a malformed member) does not make the whole set unusable.
     by_kid: dict[str, jwt.PyJWK] = {}
-    for key in keys:
-        if key.algorithm_name != algorithm or key.public_key_use not in (None, "sig"):
+    for raw in raw_keys:
+        kid = raw.get("kid", "") if isinstance(raw, dict) else None
+        if not isinstance(kid, str) or kid in by_kid:
+            continue  # RFC 7517 4.5: a kid is a string; of two alike, the first stands
+        try:
+            key = jwt.PyJWK(raw)
+        except (jwt.PyJWTError, NotImplementedError, ValueError, TypeError, KeyError):
             continue
-        by_kid[key.key_id or ""] = key
+        if key.algorithm_name == algorithm and key.public_key_use in (None, "sig"):
+            by_kid[kid] = key
     if not by_kid:
         raise _JwksError(f"holds no {algorithm} key")
     return by_kid
@@ -237,9 +245,10 @@ class JwtVerifier:
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject.strip():
             raise AuthRefused(401, "token 'sub' claim must be a non-blank string")
-        if any(unicodedata.category(char) == "Cc" for char in subject):
+        if any(unicodedata.category(char) in ("Cc", "Cf") for char in subject):
             # No real user id holds one, and the user id is shown in log lines
-            # and the dashboard, where a "\n" would pass for a line of its own.
+            # and the dashboard, where a "\n" would pass for a line of its own
+            # and a right-to-left override (Cf) would reverse what follows.
             raise AuthRefused(401, "token 'sub' claim must not contain control characters")
         username = claims.get(config.username_claim)
         exp = claims["exp"]
@@ -353,6 +362,8 @@ class JwtVerifier:
         try:
             with trio.fail_after(self._config.jwks_timeout):
                 keys = await self._download(client, url)
+            self._install(keys, url)
+            return True
         except trio.TooSlowError:
             problem = f"no complete answer within {self._config.jwks_timeout:g}s"
         except httpx.HTTPError as exc:
@@ -362,9 +373,6 @@ class JwtVerifier:
         except Exception as exc:  # a bug here must not stop the refresh
             logger.exception("auth.jwks_url: fetching %s failed unexpectedly", url)
             problem = f"{type(exc).__name__}: {exc}"
-        else:
-            self._install(keys, url)
-            return True
         self._fetch_errors += 1
         self._failures += 1
         if self._failures == 1:
@@ -381,11 +389,17 @@ class JwtVerifier:
         return False
 
     async def _download(self, client: httpx.AsyncClient, url: str) -> dict[str, jwt.PyJWK]:
-        async with client.stream("GET", url) as response:
+        # Uncompressed only: the size bound must hold for what is decoded,
+        # and a small gzip body can inflate to gigabytes.
+        headers = {"accept-encoding": "identity"}
+        async with client.stream("GET", url, headers=headers) as response:
             if response.status_code != 200:
                 raise _JwksError(f"is HTTP {response.status_code}, not 200")
+            encoding = response.headers.get("content-encoding", "identity").strip().lower()
+            if encoding != "identity":
+                raise _JwksError(f"is compressed ({encoding}); only identity is accepted")
             body = bytearray()
-            async for chunk in response.aiter_bytes():
+            async for chunk in response.aiter_raw():
                 body += chunk
                 if len(body) > _MAX_JWKS_BYTES:
                     raise _JwksError(f"is larger than {_MAX_JWKS_BYTES} bytes")
