@@ -360,6 +360,25 @@ async def test_a_full_buffer_drops_the_oldest_and_says_so() -> None:
             assert client.statistics().messages_lost == 15
 
 
+async def test_the_buffer_is_bounded_in_bytes_too() -> None:
+    """A few large messages hit the byte bound before the count bound."""
+    pad = "x" * 1000  # each frame is a little over 1000 bytes
+    with trio.fail_after(TIMEOUT):
+        async with (
+            running_hub(answer_requests) as (hub, url),
+            open_client(url, token="alice", max_buffered_bytes=5000) as client,
+        ):
+            assert client.session_id is not None
+            for n in range(20):
+                await hub.send_message(client.session_id, {"n": n, "pad": pad})
+            await wait_for(lambda: client.statistics().messages_in == 21)
+            stats = client.statistics()
+            assert stats.messages_buffered == 4 and stats.messages_lost == 16
+            received = [await client.receive() for _ in range(5)]
+    assert received[0] == MessagesLost(16)
+    assert [m["n"] for m in received[1:]] == [16, 17, 18, 19]
+
+
 # --- closes and reconnects (embedded hub) ----------------------------------------------------
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import ssl
 import time
 import uuid
@@ -53,6 +54,9 @@ from ._errors import (
 )
 from ._policy import Action, Backoff, after_close, after_refusal
 from ._tokens import refresh_delay, token_expiry
+
+# A connection that stayed open this long resets the reconnect backoff.
+_STABLE_AFTER = 10.0
 
 __all__ = [
     "Client",
@@ -268,6 +272,7 @@ class Client:
         reconnect: bool,
         reconnect_on: Collection[int],
         max_buffered_messages: int,
+        max_buffered_bytes: int,
         request_timeout: float,
         connect_timeout: float,
         close_timeout: float,
@@ -282,6 +287,8 @@ class Client:
             raise ValueError("give token or token_provider, not both")
         if max_buffered_messages < 1:
             raise ValueError(f"max_buffered_messages must be >= 1, got {max_buffered_messages}")
+        if max_buffered_bytes < 1:
+            raise ValueError(f"max_buffered_bytes must be >= 1, got {max_buffered_bytes}")
         for name, value in (
             ("request_timeout", request_timeout),
             ("connect_timeout", connect_timeout),
@@ -301,6 +308,7 @@ class Client:
         self._reconnect = reconnect
         self._reconnect_on = frozenset(reconnect_on)
         self._max_buffered = max_buffered_messages
+        self._max_buffered_bytes = max_buffered_bytes
         self._request_timeout = request_timeout
         self._connect_timeout = connect_timeout
         self._close_timeout = close_timeout
@@ -312,6 +320,7 @@ class Client:
 
         self._state = ClientState.CONNECTING
         self._entered: Counter[ClientState] = Counter({ClientState.CONNECTING: 1})
+        self._opened_at = -math.inf  # trio clock: when the current connection's hello came
         self._wakeup = trio.Event()  # set (and replaced) on every state change and push
         self._connection: _Connection | None = None
         self._session_id: str | None = None
@@ -323,7 +332,8 @@ class Client:
         self._closing = False
         self._run_scope = trio.CancelScope()
         self._finished = trio.Event()
-        self._buffer: deque[Any] = deque()
+        self._buffer: deque[tuple[Any, int]] = deque()  # (message, its frame's length)
+        self._buffered_bytes = 0
         self._lost_unreported = 0
         self._abandoned: OrderedDict[str, None] = OrderedDict()
         self._counts: Counter[str] = Counter()
@@ -519,7 +529,9 @@ class Client:
                 lost, self._lost_unreported = self._lost_unreported, 0
                 return MessagesLost(lost)
             if self._buffer:
-                return self._buffer.popleft()
+                item, size = self._buffer.popleft()
+                self._buffered_bytes -= size
+                return item
             if self._state is ClientState.CLOSED:
                 raise self._closed_error()
             await self._wakeup.wait()
@@ -597,14 +609,22 @@ class Client:
             outcome = await self._attempt()
             match outcome:
                 case _Ended(code=code, action=action):
-                    failures = 0
+                    # A connection that stayed up resets the backoff; one that a
+                    # flapping hub ends at once counts as a failed attempt, so
+                    # that the waits grow instead of hammering it.
+                    if trio.current_time() - self._opened_at >= _STABLE_AFTER:
+                        failures = 0
+                    else:
+                        failures += 1
                     if action is Action.NEW_TOKEN:
                         logger.info(
                             "trio_gw.client: closed with %d; reconnecting with a new token", code
                         )
                         need_token = True
+                        if failures > 1:
+                            await trio.sleep(self._backoff.delay(failures - 1))
                     elif action is Action.BACKOFF:
-                        delay = self._backoff.delay(0)
+                        delay = self._backoff.delay(failures)
                         logger.info(
                             "trio_gw.client: closed with %d; reconnecting in %.2f s", code, delay
                         )
@@ -787,10 +807,11 @@ class Client:
 
     def _dispatch(self, connection: _Connection, raw: str | bytes) -> None:
         self._counts["messages_in"] += 1
+        size = len(raw)
         try:
             message = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            self._push(raw)
+            self._push(raw, size)
             return
         match message:
             case {"type": "response", "payload": {"trace_id": str() as trace_id} as payload}:
@@ -807,15 +828,23 @@ class Client:
             ):
                 connection.auth_waiter.resolve(payload)
                 return
-        self._push(message)
+        self._push(message, size)
 
-    def _push(self, item: Any) -> None:
-        if len(self._buffer) >= self._max_buffered:
-            # Full: drop the oldest, so that the consumer gets the newest, and tell it.
-            self._buffer.popleft()
+    def _push(self, item: Any, size: int) -> None:
+        # Full (by count, or by the frames' bytes, since a hostile hub's 1 MiB
+        # frame can decode to many times that): drop the oldest, so that the
+        # consumer gets the newest, and tell it.
+        buffer = self._buffer
+        while buffer and (
+            len(buffer) >= self._max_buffered
+            or self._buffered_bytes + size > self._max_buffered_bytes
+        ):
+            _, dropped = buffer.popleft()
+            self._buffered_bytes -= dropped
             self._counts["messages_lost"] += 1
             self._lost_unreported += 1
-        self._buffer.append(item)
+        buffer.append((item, size))
+        self._buffered_bytes += size
         self._wake()
 
     async def _refresh_tokens(self, connection: _Connection) -> None:
@@ -890,8 +919,12 @@ class Client:
             await self._wakeup.wait()
 
     async def _wait_first_open(self) -> None:
-        """For ``open_client``: wait for the first connection, or raise why there is none."""
-        while self._state is not ClientState.OPEN:
+        """For ``open_client``: wait for the first connection, or raise why there is none.
+
+        Counted by entries, not by the state now: a hello followed at once by
+        the connection's end (in the same read) still counts as connected.
+        """
+        while not self._entered[ClientState.OPEN]:
             if self._state is ClientState.CLOSED:
                 if self._error is not None:
                     raise self._error
@@ -914,6 +947,8 @@ class Client:
 
     def _set_state(self, state: ClientState) -> None:
         if self._state is not state:
+            if state is ClientState.OPEN:
+                self._opened_at = trio.current_time()
             self._state = state
             self._entered[state] += 1
             self._wake()
@@ -944,6 +979,7 @@ async def open_client(
     reconnect: bool = True,
     reconnect_on: Collection[int] = (),
     max_buffered_messages: int = 1024,
+    max_buffered_bytes: int = 16 * 2**20,
     request_timeout: float = 30.0,
     connect_timeout: float = 10.0,
     close_timeout: float = 5.0,
@@ -973,6 +1009,8 @@ async def open_client(
             stop (1000, 1008, 1002, 1003, 1007).
         max_buffered_messages: Pushed messages kept for ``receive()``; beyond
             that the oldest is dropped and reported (``MessagesLost``).
+        max_buffered_bytes: The same bound on the pushed messages' frame
+            bytes, so that a few large messages cannot take the memory either.
         request_timeout: The default ``request()`` timeout, and the wait for
             an auth reply.
         connect_timeout: The time for one attempt: TCP, TLS, handshake and hello.
@@ -1021,6 +1059,7 @@ async def open_client(
         reconnect=reconnect,
         reconnect_on=reconnect_on,
         max_buffered_messages=max_buffered_messages,
+        max_buffered_bytes=max_buffered_bytes,
         request_timeout=request_timeout,
         connect_timeout=connect_timeout,
         close_timeout=close_timeout,
