@@ -423,3 +423,21 @@ async def test_the_host_check_follows_the_admin_address(tmp_path: Path, admin_ho
                 )
     assert statuses == ([403] * 4 if admin_host == "127.0.0.1" else [200] * 4)
     assert post.status_code == 403
+
+
+async def test_a_user_id_with_a_slash_has_its_own_sessions_view() -> None:
+    """``GET /api/users/a%2Fb/sessions``: Starlette decodes %2F before routing."""
+    with trio.fail_after(TIMEOUT):
+        async with (
+            gateway_process() as gateway,
+            client(gateway.ws_url, "a%2Fb") as (_, hello),
+            client(gateway.ws_url, "a") as (_, other),
+            gateway.admin(key=None) as admin,
+        ):
+            assert hello["user_id"] == "a/b"
+            answer = (await admin.get("/api/users/a%2Fb/sessions")).json()
+            unknown = await admin.get("/api/users/a%2Fc/sessions")
+    assert answer["user_id"] == "a/b"
+    assert [item["session_id"] for item in answer["items"]] == [hello["session_id"]]
+    assert other["session_id"] not in str(answer)
+    assert unknown.status_code == 200 and unknown.json()["items"] == []

@@ -559,7 +559,12 @@ def admin_app(gateway: Gateway) -> Starlette:
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
-        *(Route(path, protected(api[path]), methods=[method]) for method, path in API_ROUTES),
+        # A user id may hold "/" (sent as %2F, which Starlette decodes before
+        # routing), so the route takes the rest of the path up to "/sessions".
+        *(
+            Route(path.replace("{user_id}", "{user_id:path}"), protected(api[path]), methods=[m])
+            for m, path in API_ROUTES
+        ),
     ]
     # A message may be as large as a client's queue; the JSON around it is small.
     max_body = gateway.config.hub.outbound_queue_bytes + 64 * 1024
