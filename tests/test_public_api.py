@@ -93,3 +93,22 @@ def test_embedding_the_hub_does_not_import_the_http_stack() -> None:
     before, after = result.stdout.splitlines()
     assert before == "[]"
     assert after == repr(heavy)
+
+
+def test_statistics_are_declared_once() -> None:
+    """The live counters mirror the snapshot, and every statistic says how it is exported."""
+    import attrs
+
+    from trio_gw._statistics import STATISTICS, Counters, HubStatistics
+
+    snapshot_fields = [field.name for field in attrs.fields(HubStatistics)]
+    assert [s.name for s in STATISTICS] == snapshot_fields
+    gauges_of_the_registry = {"connections", "users"}
+    assert [f.name for f in attrs.fields(Counters)] == [
+        name for name in snapshot_fields if name not in gauges_of_the_registry
+    ]
+    assert all(s.help and s.kind in {"gauge", "counter", "by_label"} for s in STATISTICS)
+    assert {s.metric: s.label for s in STATISTICS if s.kind == "by_label"} == {
+        "rejected_handshakes": "reason",
+        "closes": "code",
+    }

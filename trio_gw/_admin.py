@@ -54,6 +54,7 @@ from ._hub import is_loopback, listen_urls
 from ._metrics import CONTENT_TYPE
 from ._openapi import openapi_document
 from ._session import Session
+from ._statistics import statistics_document
 
 if TYPE_CHECKING:
     from ._gateway import Gateway
@@ -481,25 +482,7 @@ def admin_app(gateway: Gateway) -> Starlette:
         return _json(
             {
                 "time": time.time(),
-                "connections": s.connections,
-                "users": s.users,
-                "peak_connections": s.peak_connections,
-                "handshakes_in_progress": s.handshakes_in_progress,
-                "sessions_opened": s.sessions_opened,
-                "sessions_closed": s.sessions_closed,
-                "messages_in": s.messages_in,
-                "bytes_in": s.bytes_in,
-                "messages_out": s.messages_out,
-                "bytes_out": s.bytes_out,
-                "drops": s.drops,
-                "slow_consumer_closes": s.slow_consumer_closes,
-                "callback_errors": s.callback_errors,
-                "bad_messages": s.bad_messages,
-                "connection_errors": s.connection_errors,
-                "handshakes_aborted": s.handshakes_aborted,
-                "accept_errors": s.accept_errors,
-                "rejected_handshakes": dict(s.rejected_handshakes),
-                "closes_by_code": {str(k): v for k, v in s.closes_by_code.items()},
+                **statistics_document(s),
                 "backend_inflight": forwarder.inflight if forwarder else 0,
                 "backend_max_inflight": gateway.config.backend.max_inflight,
             }

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ._statistics import HubStatistics
+from ._statistics import STATISTICS, HubStatistics
 
 if TYPE_CHECKING:
     from ._jwt import JwksStatistics
@@ -37,55 +37,18 @@ class _HubCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s = self._statistics()
-        yield GaugeMetricFamily("trio_gw_connections", "Registered sessions now.", s.connections)
-        yield GaugeMetricFamily("trio_gw_users", "Users with at least one session now.", s.users)
-        yield GaugeMetricFamily(
-            "trio_gw_handshakes_in_progress",
-            "Connections holding a slot that are not registered yet.",
-            s.handshakes_in_progress,
-        )
-        for name, doc, value in (
-            ("sessions_opened", "Sessions registered.", s.sessions_opened),
-            ("sessions_closed", "Sessions unregistered.", s.sessions_closed),
-            ("messages_in", "Client messages received.", s.messages_in),
-            ("bytes_in", "Payload bytes of client messages received.", s.bytes_in),
-            ("messages_out", "Messages written to client sockets.", s.messages_out),
-            ("bytes_out", "Bytes written to client sockets, framing included.", s.bytes_out),
-            ("drops", "Messages not delivered (unknown/closing session, slow consumer).", s.drops),
-            (
-                "slow_consumer_closes",
-                "Connections closed because their outbound queue overflowed.",
-                s.slow_consumer_closes,
-            ),
-            ("callback_errors", "Message handler calls that raised.", s.callback_errors),
-            ("bad_messages", "Client messages that were not valid JSON.", s.bad_messages),
-            (
-                "connection_errors",
-                "Connections ended by an unexpected error (logged, closed with 1011).",
-                s.connection_errors,
-            ),
-            (
-                "handshakes_aborted",
-                "Connections whose peer left before the opening handshake was answered.",
-                s.handshakes_aborted,
-            ),
-            ("accept_errors", "accept() failures for lack of descriptors.", s.accept_errors),
-        ):
-            yield CounterMetricFamily(f"trio_gw_{name}", doc, value)
-        rejected = CounterMetricFamily(
-            "trio_gw_rejected_handshakes",
-            "Handshakes refused before the upgrade.",
-            labels=["reason"],
-        )
-        for reason, count in sorted(s.rejected_handshakes.items()):
-            rejected.add_metric([reason], count)
-        yield rejected
-        closes = CounterMetricFamily(
-            "trio_gw_closes", "Ended connections by close code.", labels=["code"]
-        )
-        for code, count in sorted(s.closes_by_code.items()):
-            closes.add_metric([str(code)], count)
-        yield closes
+        for statistic in STATISTICS:
+            name, value = f"trio_gw_{statistic.metric}", getattr(s, statistic.name)
+            if statistic.kind == "gauge":
+                yield GaugeMetricFamily(name, statistic.help, value)
+            elif statistic.kind == "counter":
+                yield CounterMetricFamily(name, statistic.help, value)
+            else:
+                assert statistic.label is not None
+                family = CounterMetricFamily(name, statistic.help, labels=[statistic.label])
+                for key, count in sorted(value.items()):
+                    family.add_metric([str(key)], count)
+                yield family
 
 
 class _JwksCollector(Collector):

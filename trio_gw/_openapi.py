@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._statistics import STATISTICS
+
 __all__ = ["openapi_document"]
 
 
@@ -211,45 +213,22 @@ def _schemas() -> dict[str, Any]:
             "type": "object",
             "required": [
                 "time",
-                "connections",
-                "users",
-                "messages_in",
-                "messages_out",
-                "drops",
+                *(statistic.name for statistic in STATISTICS),
                 "backend_inflight",
                 "backend_max_inflight",
             ],
             "properties": {
                 "time": {"type": "number"},
                 **{
-                    name: {"type": "integer", "minimum": 0}
-                    for name in (
-                        "connections",
-                        "users",
-                        "peak_connections",
-                        "handshakes_in_progress",
-                        "sessions_opened",
-                        "sessions_closed",
-                        "messages_in",
-                        "bytes_in",
-                        "messages_out",
-                        "bytes_out",
-                        "drops",
-                        "slow_consumer_closes",
-                        "callback_errors",
-                        "bad_messages",
-                        "connection_errors",
-                        "handshakes_aborted",
-                        "accept_errors",
-                        "backend_inflight",
-                        "backend_max_inflight",
+                    statistic.name: (
+                        {"type": "object", "additionalProperties": {"type": "integer"}}
+                        if statistic.kind == "by_label"
+                        else {"type": "integer", "minimum": 0}
                     )
+                    for statistic in STATISTICS
                 },
-                "rejected_handshakes": {
-                    "type": "object",
-                    "additionalProperties": {"type": "integer"},
-                },
-                "closes_by_code": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "backend_inflight": {"type": "integer", "minimum": 0},
+                "backend_max_inflight": {"type": "integer", "minimum": 0},
             },
         },
         "History": {

@@ -5,10 +5,49 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping
 from types import MappingProxyType
+from typing import Any
 
 import attrs
 
-__all__ = ["HubStatistics"]
+__all__ = ["STATISTICS", "HubStatistics", "Statistic", "statistics_document"]
+
+
+# Each statistic is declared once, below: its name, type, meaning and how it is
+# exported. The Prometheus collector, the admin API's document and its OpenAPI
+# schema are derived from these declarations (``STATISTICS``).
+
+
+@attrs.frozen
+class Statistic:
+    """How one field of ``HubStatistics`` is exported.
+
+    Attributes:
+        name: The field's name.
+        kind: ``gauge``, ``counter``, or ``by_label`` (a counter per label value).
+        help: The metric's help text.
+        metric: The Prometheus name, without ``trio_gw_`` and ``_total``.
+        label: The label of a ``by_label`` counter.
+    """
+
+    name: str
+    kind: str
+    help: str
+    metric: str
+    label: str | None = None
+
+
+def _gauge(help_text: str) -> Any:
+    return attrs.field(metadata={"kind": "gauge", "help": help_text})
+
+
+def _counter(help_text: str) -> Any:
+    return attrs.field(metadata={"kind": "counter", "help": help_text})
+
+
+def _by_label(metric: str, label: str, help_text: str) -> Any:
+    return attrs.field(
+        metadata={"kind": "by_label", "help": help_text, "metric": metric, "label": label}
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -43,25 +82,35 @@ class HubStatistics:
             descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM).
     """
 
-    connections: int
-    users: int
-    peak_connections: int
-    handshakes_in_progress: int
-    sessions_opened: int
-    sessions_closed: int
-    messages_in: int
-    bytes_in: int
-    messages_out: int
-    bytes_out: int
-    drops: int
-    slow_consumer_closes: int
-    rejected_handshakes: Mapping[str, int]
-    closes_by_code: Mapping[int, int]
-    callback_errors: int
-    bad_messages: int
-    connection_errors: int
-    handshakes_aborted: int
-    accept_errors: int
+    connections: int = _gauge("Registered sessions now.")
+    users: int = _gauge("Users with at least one session now.")
+    peak_connections: int = _gauge("The most sessions registered at once.")
+    handshakes_in_progress: int = _gauge("Connections holding a slot, not registered yet.")
+    sessions_opened: int = _counter("Sessions registered.")
+    sessions_closed: int = _counter("Sessions unregistered.")
+    messages_in: int = _counter("Client messages received.")
+    bytes_in: int = _counter("Payload bytes of client messages received.")
+    messages_out: int = _counter("Messages written to client sockets.")
+    bytes_out: int = _counter("Bytes written to client sockets, framing included.")
+    drops: int = _counter("Messages never delivered or written, whatever the reason.")
+    slow_consumer_closes: int = _counter(
+        "Connections closed because their outbound queue overflowed."
+    )
+    rejected_handshakes: Mapping[str, int] = _by_label(
+        "rejected_handshakes", "reason", "Handshakes refused before the upgrade."
+    )
+    closes_by_code: Mapping[int, int] = _by_label(
+        "closes", "code", "Ended connections by close code."
+    )
+    callback_errors: int = _counter("Message handler calls (and session tasks) that raised.")
+    bad_messages: int = _counter("Client messages that were not valid JSON.")
+    connection_errors: int = _counter(
+        "Connections ended by an unexpected error (logged, closed with 1011)."
+    )
+    handshakes_aborted: int = _counter(
+        "Connections whose peer left before the opening handshake was answered."
+    )
+    accept_errors: int = _counter("accept() failures for lack of descriptors or memory.")
 
     @property
     def rejected_handshakes_total(self) -> int:
@@ -93,24 +142,34 @@ class Counters:
 
     def snapshot(self, *, connections: int, users: int) -> HubStatistics:
         """Freeze the counters, with the registry's gauges."""
-        return HubStatistics(
-            connections=connections,
-            users=users,
-            peak_connections=self.peak_connections,
-            handshakes_in_progress=self.handshakes_in_progress,
-            sessions_opened=self.sessions_opened,
-            sessions_closed=self.sessions_closed,
-            messages_in=self.messages_in,
-            bytes_in=self.bytes_in,
-            messages_out=self.messages_out,
-            bytes_out=self.bytes_out,
-            drops=self.drops,
-            slow_consumer_closes=self.slow_consumer_closes,
-            rejected_handshakes=MappingProxyType(dict(self.rejected_handshakes)),
-            closes_by_code=MappingProxyType(dict(self.closes_by_code)),
-            callback_errors=self.callback_errors,
-            bad_messages=self.bad_messages,
-            connection_errors=self.connection_errors,
-            handshakes_aborted=self.handshakes_aborted,
-            accept_errors=self.accept_errors,
-        )
+        values: dict[str, Any] = {}
+        for field in _COUNTER_FIELDS:
+            value = getattr(self, field)
+            values[field] = MappingProxyType(dict(value)) if isinstance(value, Counter) else value
+        return HubStatistics(connections=connections, users=users, **values)
+
+
+#: Every statistic, in declaration order.
+STATISTICS: tuple[Statistic, ...] = tuple(
+    Statistic(
+        name=field.name,
+        kind=field.metadata["kind"],
+        help=field.metadata["help"],
+        metric=field.metadata.get("metric", field.name),
+        label=field.metadata.get("label"),
+    )
+    for field in attrs.fields(HubStatistics)
+)
+# What Counters keeps: everything but the registry's own gauges.
+_COUNTER_FIELDS = tuple(field.name for field in attrs.fields(Counters))
+
+
+def statistics_document(statistics: HubStatistics) -> dict[str, Any]:
+    """``statistics`` as plain JSON data (label values as strings), for the admin API."""
+    document: dict[str, Any] = {}
+    for statistic in STATISTICS:
+        value = getattr(statistics, statistic.name)
+        if statistic.kind == "by_label":
+            value = {str(key): count for key, count in value.items()}
+        document[statistic.name] = value
+    return document
