@@ -34,6 +34,11 @@ SCENARIOS: dict[
     ),
     "rpc": (h.rpc, [{"connections": 200, "seconds": 3}], [{"connections": 200, "seconds": 10}]),
     "idle": (h.idle, [{"connections": 2000}], [{"connections": 5000}, {"connections": 10000}]),
+    "burst": (
+        h.burst,
+        [{"normal": 100, "messages": 2000}],
+        [{"normal": 100, "messages": 2000}, {"normal": 100, "messages": 10000}],
+    ),
     "slow_consumer": (
         h.slow_consumer,
         [{"normal": 100, "messages": 3000, "timeout": 20}],
@@ -48,6 +53,7 @@ KEY = {
     "rpc": ("round_trips_per_s", False),
     "idle": ("kib_per_connection", True),
     "slow_consumer": ("server_cpu_us_per_delivery", True),
+    "burst": ("normal_whole", False),
 }
 
 
@@ -141,13 +147,14 @@ def tiny(scenario: str) -> dict[str, Any]:
         "rpc": {"connections": 5, "seconds": 0.5},
         "idle": {"connections": 20},
         "slow_consumer": {"normal": 5, "messages": 50, "timeout": 10, "slow_drain_seconds": 1},
+        "burst": {"normal": 5, "messages": 50, "timeout": 10},
     }[scenario]
 
 
 def summary(scenario: str, row: dict[str, Any]) -> str:
     key, _ = KEY[scenario]
     extra = ""
-    if scenario == "slow_consumer":
+    if scenario in ("slow_consumer", "burst"):
         extra = (
             f" slow={row.get('slow_client')} normal_complete={row.get('normal_clients_complete')}"
         )
@@ -207,6 +214,16 @@ def columns(scenario: str) -> list[str]:
         ]
     if scenario == "idle":
         return ["kib_per_connection", "accepts_per_s", "rss_mib", "complete"]
+    if scenario == "burst":
+        return [
+            "normal_whole",
+            "normal_closed",
+            "seconds",
+            "slow_client",
+            "slow_client_received",
+            "rss_growth_mib",
+            "server_cpu_us_per_delivery",
+        ]
     return [
         "normal_clients_complete",
         "seconds",

@@ -179,6 +179,8 @@ def _done(gens: list[LoadGen], timeout: float, server: Server) -> dict[str, Any]
         "latency": latency,
         "client_cpu_s": sum(e["cpu_seconds"] for e in events),
         "slow": [s for e in events for s in e["slow"]],
+        "whole": sum(e.get("whole", 0) for e in events),
+        "closed": sum(e.get("closed", 0) for e in events),
         "server_cpu": server_cpu,
         "at": at,
     }
@@ -205,6 +207,8 @@ def _delivery_result(
         "timed_out": done["timed_out"],
         "rss_mib": round(server.rss() / 2**20, 1),
         "slow": done["slow"],
+        "normal_whole": done["whole"],
+        "normal_closed": done["closed"],
     }
 
 
@@ -346,3 +350,15 @@ def slow_consumer(
         "slow_client_received": slow[0]["received"] if slow else None,
         "rss_growth_mib": round((server.rss() - rss0) / 2**20, 1),
     }
+
+
+def burst(
+    server: Server, normal: int, messages: int, size: int = 1024, timeout: float = 60
+) -> dict[str, Any]:
+    """An unpaced burst of broadcasts to ``normal`` reading clients and one stalled reader.
+
+    The producer sends as fast as the server lets it. The questions: does every
+    healthy reader get everything in order, is the stalled one closed (and how),
+    and how much memory does the burst cost?
+    """
+    return slow_consumer(server, normal, messages, size=size, rate=0, timeout=timeout)

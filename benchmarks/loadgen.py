@@ -217,6 +217,8 @@ async def main(job: dict[str, Any]) -> None:
             "complete": not timed_out and all(c.received >= c.expected for c in normal),
             "in_order": all(c.in_order for c in normal),
             "closed": sum(c.disconnected for c in normal),
+            # Healthy clients that got every message, in order.
+            "whole": sum(c.received >= c.expected and c.in_order for c in normal),
             "timed_out": timed_out,
             "latency": percentiles(latencies),
             "cpu_seconds": cpu,

@@ -30,7 +30,7 @@ def test_harness_runs_every_scenario_against_every_server(tmp_path: Path) -> Non
         for line in f.read_text().splitlines()
     ]
     seen = {(r["scenario"], r["server"]) for r in rows}
-    scenarios = {"fanout", "to_users", "rpc", "idle", "slow_consumer"}
+    scenarios = {"fanout", "to_users", "rpc", "idle", "slow_consumer", "burst"}
     servers = {"trio_gw", "websockets", "trio-websocket naive"}
     assert seen == {(s, v) for s in scenarios for v in servers}
     hub = {r["scenario"]: r for r in rows if r["server"] == "trio_gw"}
@@ -40,4 +40,5 @@ def test_harness_runs_every_scenario_against_every_server(tmp_path: Path) -> Non
     assert hub["rpc"]["round_trips"] > 0
     assert hub["idle"]["complete"]
     assert hub["slow_consumer"]["normal_clients_complete"]
+    assert 0 <= hub["burst"]["normal_whole"] <= 5  # reported, whatever the outcome
     assert "| server |" in result.stdout  # the readable table
