@@ -921,8 +921,7 @@ class HandlerManager:
         finally:
             if in_handshake:
                 counters.handshakes_in_progress -= 1
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(stream)
+            await _close_stream(stream)
             if session is not None:
                 session._ended = True
                 counters.closes_by_code[session.close_code] += 1
@@ -960,8 +959,7 @@ class HandlerManager:
             self._connection_failed(failure, None, _peer_address(stream))
         finally:
             self._refusing -= 1
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(stream)
+            await _close_stream(stream)
 
     def _handshake_failed(self, peer: tuple[str, int] | None, why: NoRequest | None) -> None:
         """Count a connection that sent no request to answer (``why`` None: timed out)."""
@@ -1276,3 +1274,16 @@ def _peer_address(stream: trio.abc.Stream) -> tuple[str, int] | None:
     except OSError:
         return None  # ENOTCONN: reset between accept and now
     return str(name[0]), int(name[1])
+
+
+async def _close_stream(stream: trio.abc.Stream) -> None:
+    """Close an accepted stream at the end of its connection, whatever state it is in.
+
+    Shielded, so that a cancelled connection still frees its descriptor, and
+    contained: closing a broken TLS stream must not raise into the hub.
+    """
+    with trio.CancelScope(shield=True):
+        try:
+            await trio.aclose_forcefully(stream)
+        except Exception as exc:
+            logger.debug("closing a connection's stream failed: %r", exc)
