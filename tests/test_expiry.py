@@ -97,4 +97,4 @@ async def test_many_refreshes_keep_the_timer_queue_bounded() -> None:
             for i in range(5000):
                 hub.refresh_identity(session, Identity("alice", valid_until=time.time() + 2000 + i))
             # Stale entries are swept once they outnumber the live sessions.
-            assert len(hub._expiries) <= 2 * hub.statistics().connections + 1025
+            assert len(hub._router._expiries) <= 2 * hub.statistics().connections + 1025

@@ -748,7 +748,7 @@ async def test_vanished_client_with_queued_data(tmp_path: Path) -> None:
             session = t.hub.get_handler(raw.session_id)
             assert session is not None
             before = await t.stats()
-            sent = await burst_until(t.hub, t.witness, lambda: session._queued_bytes > 0)
+            sent = await burst_until(t.hub, t.witness, lambda: session.queued_bytes > 0)
             await reset(raw.stream)
 
             def accounted(s: dict[str, Any]) -> int:

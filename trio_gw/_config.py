@@ -90,13 +90,33 @@ class HubConfig:
     inbound_queue_size: int = attrs.field(
         default=16, validator=_check(_positive_int, "a positive integer (messages)")
     )
-    #: Messages queued for one client; more closes it as a slow consumer (4008).
+    #: Messages queued for one client at most; a message that does not fit
+    #: closes it as a slow consumer (4008). Above half of it, senders wait for
+    #: the client to drain to a quarter (flow control; see ``stall_timeout``).
     outbound_queue_size: int = attrs.field(
         default=1024, validator=_check(_positive_int, "a positive integer (messages)")
     )
-    #: Bytes queued for one client; more closes it as a slow consumer (4008).
+    #: Bytes queued for one client at most; works like ``outbound_queue_size``.
     outbound_queue_bytes: int = attrs.field(
         default=1 << 20, validator=_check(_positive_int, "a positive integer (bytes)")
+    )
+    #: Seconds a client whose queue is over half full may go without taking a
+    #: write before it is closed as a slow consumer (4008); no sender waits
+    #: for a client longer than this.
+    stall_timeout: float = attrs.field(
+        default=5.0, validator=_check(_positive_number, "a number > 0 (seconds)")
+    )
+    #: Seconds a message may wait in the queue of a client whose queue is over
+    #: half full before that client is closed as a slow consumer (4008): a
+    #: reader that keeps reading, but slower than the senders, cannot hold
+    #: them back for ever.
+    max_lag: float = attrs.field(
+        default=10.0, validator=_check(_positive_number, "a number > 0 (seconds)")
+    )
+    #: Bytes queued for all clients together; above it, senders wait until the
+    #: queues drain to three quarters of it.
+    queued_bytes_budget: int = attrs.field(
+        default=64 << 20, validator=_check(_positive_int, "a positive integer (bytes)")
     )
     #: Largest single socket write the writer builds from queued frames.
     max_write_bytes: int = attrs.field(

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import enum
 import errno
-import heapq
 import ipaddress
-import itertools
 import logging
 import math
 import ssl
@@ -33,11 +31,35 @@ from ._config import HubConfig
 from ._devmode import dev_authorizer
 from ._errors import AuthRefused, ConfigError, HubClosedError, HubOverloadedError
 from ._frames import Frame, encode_frame
+from ._lifecycle import Lifecycle, Transition, advance
 from ._origins import OriginPolicy
-from ._registry import Effect, Registry, SessionAdded, SessionRemoved, UserJoined, UserLeft
-from ._session import Offer, Session
+from ._registry import Registry
+from ._router import (
+    Close,
+    CloseSession,
+    Command,
+    Deliver,
+    Discard,
+    Drained,
+    Effect,
+    Expire,
+    FlowLimits,
+    Offer,
+    Publish,
+    Recheck,
+    Refresh,
+    Register,
+    Registered,
+    Router,
+    Subscribe,
+    Unregister,
+    Unregistered,
+    Unsubscribe,
+    WakeProducers,
+)
+from ._session import Session
 from ._statistics import Counters, HubStatistics
-from ._targets import Target, ToAll, ToSession, is_local, new_session_id, to_users
+from ._targets import Target, ToAll, ToSession, new_session_id, to_users
 from ._transport import NoRequest, ServerConnection, open_server_connection
 from ._wire import error_message, hello_message
 
@@ -85,40 +107,11 @@ class _State(enum.Enum):
 
 
 @attrs.frozen
-class _Register:
-    session: Session
-
-
-@attrs.frozen
-class _Unregister:
-    session: Session
-    close: bool  # True when asked through the API; False when the connection already ended
-
-
-@attrs.frozen
-class _Deliver:
-    target: Target
-    frame: Frame
-    remote: bool = False  # came from another node: do not publish it again
-    # A reply: the session that asked, reached even while it drains (unregistered).
-    reply_to: Session | None = None
-
-
-@attrs.frozen
-class _Close:
-    target: Target
-    code: int
-    reason: str
-    drain: bool = True
-    remote: bool = False
-
-
-@attrs.frozen
 class _Flush:
     reply: trio.MemorySendChannel[None]
 
 
-_Command = _Deliver | _Register | _Unregister | _Close | _Flush
+_Command = Command[Session] | _Flush
 
 
 class HandlerManager:
@@ -178,8 +171,22 @@ class HandlerManager:
                 f"backplane: its node_id {self._backplane.node_id!r} differs from "
                 f"instance_id {instance_id!r}"
             )
-        self._registry: Registry[Session] = Registry()
         self._counters = Counters()
+        config = self._config
+        self._router: Router[Session] = Router(
+            instance_id,
+            FlowLimits(
+                max_messages=config.outbound_queue_size,
+                max_bytes=config.outbound_queue_bytes,
+                stall_timeout=config.stall_timeout,
+                max_lag=config.max_lag,
+                budget_bytes=config.queued_bytes_budget,
+            ),
+            self._counters,
+        )
+        # Senders waiting for the queues to drain below the hub-wide budget.
+        self._budget_waiters = 0
+        self._budget_drained: trio.Event | None = None
         self._commands_send, self._commands_recv = trio.open_memory_channel[_Command](
             self._config.hub_queue_size
         )
@@ -189,11 +196,6 @@ class HandlerManager:
         self._refusing = 0  # sockets over the limit being answered 503
         self._offers_since_yield = 0
         self._all_connections_ended = trio.Event()
-        # (trio deadline, tie-breaker, session id): when sessions' credentials
-        # expire. Stale entries (refreshed or gone sessions) are skipped when
-        # they come up, and swept when they outnumber the live sessions.
-        self._expiries: list[tuple[float, int, str]] = []
-        self._expiry_seq = itertools.count()
         self._expiry_wakeup: trio.CancelScope | None = None
 
     # --- properties --------------------------------------------------------
@@ -218,6 +220,10 @@ class HandlerManager:
         """True while the hub accepts commands and connections."""
         return self._state is _State.RUNNING
 
+    @property
+    def _registry(self) -> Registry[Session]:
+        return self._router.registry
+
     # --- registry (nuropb_gw API) -------------------------------------------
 
     def get_handler(self, session_id: str) -> Session | None:
@@ -235,10 +241,10 @@ class HandlerManager:
             HubClosedError: the hub is not running.
             HubOverloadedError: the hub's command queue is full.
         """
-        if handler.closing or handler._ended:
+        if handler.state in (Lifecycle.CLOSING, Lifecycle.ENDED):
             raise ValueError(f"{handler!r} is closing and cannot be registered")
         if self._registry.get(handler.session_id) is not handler:
-            self._submit_nowait(_Register(handler))
+            self._submit_nowait(Register(handler, _expiry_deadline(handler.identity)))
 
     def unregister(self, handler: Session) -> None:
         """Unregister a session and close its connection normally (1000).
@@ -250,7 +256,7 @@ class HandlerManager:
             HubClosedError: the hub is not running.
             HubOverloadedError: the hub's command queue is full.
         """
-        self._submit_nowait(_Unregister(handler, close=True))
+        self._submit_nowait(Unregister(handler, close=True))
 
     def user_sessions(self, user_id: str) -> frozenset[str]:
         """The ids of one user's sessions on this node."""
@@ -279,11 +285,11 @@ class HandlerManager:
                 f"identity is for user {identity.user_id!r}, session {handler.session_id} "
                 f"belongs to {handler.user_id!r}"
             )
-        if handler.closing or handler._ended:
+        if handler.state in (Lifecycle.CLOSING, Lifecycle.ENDED):
             return
         handler.identity = identity
-        if self._registry.get(handler.session_id) is handler:
-            self._schedule_expiry(handler)
+        # The router only reschedules; it is safe ahead of queued commands.
+        self._run_command(Refresh(handler, _expiry_deadline(identity)))
 
     def statistics(self) -> HubStatistics:
         """A frozen snapshot of this node's counters and gauges."""
@@ -405,7 +411,7 @@ class HandlerManager:
             HubClosedError: the hub is not running.
             HubOverloadedError: the hub's command queue is full.
         """
-        self._submit_nowait(_Close(ToSession(session_id), code, reason))
+        self._submit_nowait(Close(ToSession(session_id), code, reason))
 
     def close_user_ids(
         self,
@@ -421,7 +427,7 @@ class HandlerManager:
             HubClosedError: the hub is not running.
             HubOverloadedError: the hub's command queue is full.
         """
-        self._submit_nowait(_Close(to_users(user_ids), code, reason))
+        self._submit_nowait(Close(to_users(user_ids), code, reason))
 
     def close_all(self, *, code: int = CloseCode.NORMAL, reason: str = "closed by server") -> None:
         """Close every session.
@@ -430,7 +436,7 @@ class HandlerManager:
             HubClosedError: the hub is not running.
             HubOverloadedError: the hub's command queue is full.
         """
-        self._submit_nowait(_Close(ToAll(), code, reason))
+        self._submit_nowait(Close(ToAll(), code, reason))
 
     async def flush(self) -> None:
         """Wait until the actor has handled every command submitted before this call.
@@ -451,9 +457,10 @@ class HandlerManager:
         """Carry out what another node published (called by the backplane)."""
         match message:
             case BackplaneDeliver(target=target, frame=frame):
-                await self._submit(_Deliver(target, frame, remote=True), internal=True)
+                await self._submit(Deliver(target, frame, remote=True), internal=True)
+                await self._wait_for_flow(target)
             case BackplaneClose(target=target, code=code, reason=reason):
-                await self._submit(_Close(target, code, reason, remote=True), internal=True)
+                await self._submit(Close(target, code, reason, remote=True), internal=True)
 
     # --- commands ------------------------------------------------------------
 
@@ -481,16 +488,68 @@ class HandlerManager:
             await trio.lowlevel.checkpoint_if_cancelled()
         self._check_running(reply_to is not None)
         # Checked after any yield, and nothing awaits between the check and the
-        # delivery: if nothing is queued ahead of this send, delivering it here
-        # is exactly what the actor would do next (same code, same order, one
-        # task switch fewer). It only reads the registry; a slow consumer it
-        # finds is closed, and its unregistering is left to the actor.
+        # delivery: if nothing is queued ahead of this send, handling it here
+        # is exactly what the actor would do next (the same ``handle``, the
+        # same order, one task switch fewer).
+        command = Deliver(target, frame, reply_to=reply_to)
         if self._actor_idle():
-            self._deliver(target, frame, remote=False, in_actor=False, reply_to=reply_to)
-            return
-        await self._submit(
-            _Deliver(target, frame, reply_to=reply_to), internal=reply_to is not None
-        )
+            self._offers_since_yield += self._run_command(command)
+        else:
+            await self._submit(command, internal=reply_to is not None)
+        router = self._router
+        if router._pressured or router.over_budget():
+            await self._wait_for_flow(target)
+
+    async def _wait_for_flow(self, target: Target) -> None:
+        """Flow control: wait while the hub is over budget or ``target`` reaches a pressured one.
+
+        See ``_router`` for the rule (a pressured session: one over its high-water mark).
+
+        Each wait ends when the session drains, leaves, or is closed as stuck or
+        lagging, which the router decides at the deadline it gives.
+        """
+        router = self._router
+        if router.over_budget():
+            await self._wait_for_budget()
+        sessions = router.pressured_for(target)
+        while sessions:
+            self._run_command(Recheck(sessions))
+            sessions = [s for s in sessions if s.pressured]
+            if not sessions:
+                return
+            with trio.move_on_at(router.flow_deadline(sessions)):
+                await sessions[0]._wait_drained()
+            sessions = [s for s in sessions if s.pressured]
+
+    async def _wait_for_budget(self) -> None:
+        router = self._router
+        self._budget_waiters += 1
+        try:
+            while router.over_budget():
+                if self._budget_drained is None:
+                    self._budget_drained = trio.Event()
+                with trio.move_on_after(self._config.stall_timeout) as scope:
+                    await self._budget_drained.wait()
+                if scope.cancelled_caught:
+                    # No drain for a while: close the sessions that stopped taking writes.
+                    self._run_command(Recheck(None))
+        finally:
+            self._budget_waiters -= 1
+
+    def _on_progress(self, session: Session) -> None:
+        """A session's writer finished a write while someone may be waiting for it."""
+        if session.pressured:
+            self._run_command(Drained(session))
+        self._wake_budget_waiters()
+
+    def _wake_budget_waiters(self) -> None:
+        if (
+            self._budget_waiters
+            and self._budget_drained is not None
+            and self._router.budget.queued <= self._router.limits.budget_resume
+        ):
+            self._budget_drained.set()
+            self._budget_drained = None
 
     def _actor_idle(self) -> bool:
         # Empty queue and the actor parked in receive(): no command is pending.
@@ -533,14 +592,14 @@ class HandlerManager:
             raise HubClosedError(f"hub {self._instance_id!r} has shut down") from None
 
     async def _register_session(self, session: Session) -> None:
-        await self._submit(_Register(session), internal=True)
+        await self._submit(Register(session, _expiry_deadline(session.identity)), internal=True)
 
     async def _close_session(
         self, session: Session, code: int, reason: str, *, drain: bool = False
     ) -> None:
         with suppress(HubClosedError):  # shutting down: the session closes anyway
             await self._submit(
-                _Close(ToSession(session.session_id), code, reason, drain=drain), internal=True
+                Close(ToSession(session.session_id), code, reason, drain=drain), internal=True
             )
 
     # --- the actor: synchronous handlers, never awaiting a connection ---------
@@ -568,58 +627,32 @@ class HandlerManager:
                     hash(session_id) % _HEARTBEAT_BUCKETS == bucket
                     and session._started_at <= connected_before
                 ):
-                    session._start_ping()
+                    session._ping()
             bucket = (bucket + 1) % _HEARTBEAT_BUCKETS
-
-    def _schedule_expiry(self, session: Session) -> None:
-        valid_until = session.identity.valid_until
-        if valid_until is None:
-            session._expires_at = None
-            return
-        # valid_until is wall-clock time; the timer runs on trio's clock.
-        deadline = trio.current_time() + (valid_until - time.time())
-        session._expires_at = deadline
-        expiries = self._expiries
-        if len(expiries) > 2 * self._registry.session_count + 1024:
-            expiries[:] = [
-                entry
-                for entry in expiries
-                if (live := self._registry.get(entry[2])) is not None
-                and live._expires_at == entry[0]
-            ]
-            heapq.heapify(expiries)
-        heapq.heappush(expiries, (deadline, next(self._expiry_seq), session.session_id))
-        wakeup = self._expiry_wakeup
-        if wakeup is not None and deadline < wakeup.deadline:
-            wakeup.deadline = deadline
 
     async def _run_expiry(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Close sessions whose identity's ``valid_until`` has passed, with 4005."""
+        """Close sessions whose identity's ``valid_until`` has passed, with 4005.
+
+        The router keeps the expiry heap; this task sleeps until its earliest
+        entry and has the actor handle ``Expire``.
+        """
         task_status.started()
-        expiries = self._expiries
         while True:
-            now = trio.current_time()
-            while expiries and expiries[0][0] <= now:
-                deadline, _, session_id = heapq.heappop(expiries)
-                session = self._registry.get(session_id)
-                if session is None or session._expires_at != deadline or session.closing:
-                    continue  # refreshed, or gone
-                logger.info(
-                    "session %s (user %s): credentials expired, closing with %d",
-                    session_id,
-                    session.user_id,
-                    CloseCode.AUTH_EXPIRED,
-                    extra=session.log_fields,
-                )
-                await self._close_session(
-                    session, CloseCode.AUTH_EXPIRED, "authentication expired", drain=True
-                )
-            with trio.CancelScope(deadline=expiries[0][0] if expiries else math.inf) as wakeup:
+            due = self._router.next_expiry()
+            with trio.CancelScope(deadline=math.inf if due is None else due) as wakeup:
                 self._expiry_wakeup = wakeup
                 await trio.sleep_forever()
             self._expiry_wakeup = None
+            with suppress(HubClosedError):
+                await self._submit(Expire(), internal=True)
+                await self._flush(internal=True)
+
+    def _rearm_expiry(self) -> None:
+        due, wakeup = self._router.next_expiry(), self._expiry_wakeup
+        if due is not None and wakeup is not None and due < wakeup.deadline:
+            wakeup.deadline = due
 
     async def _run_actor(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -650,136 +683,88 @@ class HandlerManager:
             logger.exception("hub %s: command %r failed", self._instance_id, command)
 
     def _handle(self, command: _Command) -> None:
-        match command:
-            case _Deliver(target=target, frame=frame, remote=remote, reply_to=reply_to):
-                self._deliver(target, frame, remote, in_actor=True, reply_to=reply_to)
-            case _Register(session=session):
-                self._on_register(session)
-            case _Unregister(session=session, close=close):
-                self._on_unregister(session, close)
-            case _Close(target=target, code=code, reason=reason, drain=drain, remote=remote):
-                self._on_close(target, code, reason, drain, remote)
-            case _Flush(reply=reply):
-                reply.send_nowait(None)
-
-    def _deliver(
-        self,
-        target: Target,
-        frame: Frame,
-        remote: bool,
-        *,
-        in_actor: bool,
-        reply_to: Session | None = None,
-    ) -> None:
-        recipients = self._registry.resolve(target)
-        counters = self._counters
-        if not recipients and reply_to is not None and reply_to.closing:
-            # Unregistered because it is closing: a draining session still
-            # takes the replies to what its client sent (GONE once it is not).
-            if reply_to._offer_nowait(frame) is not Offer.QUEUED:
-                counters.drops += 1
-            return
-        if not in_actor:
-            self._offers_since_yield += len(recipients)
-        for _session_id, session in recipients:
-            offer = session._offer_nowait(frame)
-            if offer is Offer.QUEUED:
-                continue
-            if offer is Offer.FULL:
-                self._slow_consumer(session, in_actor=in_actor)
-            counters.drops += 1
-        if not recipients and isinstance(target, ToSession) and is_local(target, self._instance_id):
-            counters.drops += 1
-            logger.debug("message for unknown session %s dropped", target.session_id)
-        if (
-            not remote
-            and not is_local(target, self._instance_id)
-            and not self._backplane.publish_nowait(BackplaneDeliver(target, frame))
-        ):
-            counters.drops += 1
-
-    def _slow_consumer(self, session: Session, *, in_actor: bool) -> None:
-        self._counters.slow_consumer_closes += 1
-        logger.warning(
-            "session %s (user %s): slow consumer, closing with %d (%d messages, %d bytes queued)",
-            session.session_id,
-            session.user_id,
-            CloseCode.SLOW_CONSUMER,
-            session._out_recv.statistics().current_buffer_used,
-            session._queued_bytes,
-            extra=session.log_fields,
-        )
-        session._request_close(CloseCode.SLOW_CONSUMER, "slow consumer", drain=False)
-        if in_actor:
-            self._apply(self._registry.unregister(session.session_id))
+        if isinstance(command, _Flush):
+            command.reply.send_nowait(None)
         else:
-            # Only the actor changes the registry. Until it gets to this, offers
-            # to the closed session come back GONE and are counted as drops; if
-            # the queue is full, the connection's own ending unregisters it.
-            with suppress(trio.WouldBlock):
-                self._commands_send.send_nowait(_Unregister(session, close=False))
+            self._run_command(command)
 
-    def _on_register(self, session: Session) -> None:
-        if session.closing:
-            return
-        if self._state is not _State.RUNNING:
-            session._request_close(CloseCode.GOING_AWAY, "hub is shutting down", drain=False)
-            return
-        if self._registry.get(session.session_id) is session:
-            return
-        self._apply(self._registry.register(session.session_id, session.user_id, session))
-        self._schedule_expiry(session)
-        session._offer_nowait(
-            encode_frame(hello_message(session.session_id, session.user_id, session.username))
-        )
+    def _run_command(self, command: Command[Session]) -> int:
+        """Have the router decide ``command`` and carry out its effects; returns the offers made."""
+        effects = self._router.handle(command, trio.current_time())
+        offers = self._execute(effects) if effects else 0
+        if isinstance(command, Register | Refresh):
+            self._rearm_expiry()
+        return offers
 
-    def _on_unregister(self, session: Session, close: bool) -> None:
-        if self._registry.get(session.session_id) is session:
-            self._apply(self._registry.unregister(session.session_id))
-        if close:
-            session._request_close(CloseCode.NORMAL, "unregistered", drain=True)
-        else:
-            # The connection has ended (or is being cut off as a slow consumer):
-            # nothing more is written, and what is still queued never will be.
-            session._out_send.close()
-            self._counters.drops += session._discard_queued()
-
-    def _on_close(self, target: Target, code: int, reason: str, drain: bool, remote: bool) -> None:
-        for session_id, session in self._registry.resolve(target):
-            self._apply(self._registry.unregister(session_id))
-            session._request_close(code, reason, drain=drain)
-        if (
-            not remote
-            and not is_local(target, self._instance_id)
-            and not self._backplane.publish_nowait(BackplaneClose(target, code, reason))
-        ):
-            logger.warning("backplane dropped a close for %r", target)
-
-    def _apply(self, effects: tuple[Effect, ...]) -> None:
+    def _execute(self, effects: list[Effect[Session]]) -> int:
+        """Carry out the router's effects, in order; returns the offers made."""
         counters = self._counters
+        offers = 0
         for effect in effects:
             match effect:
-                case SessionAdded(session_id=session_id, user_id=user_id):
-                    counters.sessions_opened += 1
-                    counters.peak_connections = max(
-                        counters.peak_connections, self._registry.session_count
+                case Offer(frame=frame, sessions=sessions):
+                    now = trio.current_time()
+                    offers += len(sessions)
+                    for session in sessions:
+                        if not session._offer_nowait(frame, now):
+                            counters.drops += 1
+                case CloseSession(session=session, code=code, reason=reason, drain=drain, why=why):
+                    if code == CloseCode.SLOW_CONSUMER:
+                        logger.warning(
+                            "session %s (user %s): slow consumer, closing with %d: %s "
+                            "(%d messages, %d bytes queued)",
+                            session.session_id,
+                            session.user_id,
+                            code,
+                            why,
+                            session.queued_messages,
+                            session.queued_bytes,
+                            extra=session.log_fields,
+                        )
+                    elif why is not None:
+                        logger.info(
+                            "session %s (user %s): %s, closing with %d",
+                            session.session_id,
+                            session.user_id,
+                            why,
+                            code,
+                            extra=session.log_fields,
+                        )
+                    session._request_close(code, reason, drain=drain)
+                case Discard(session=session):
+                    session._out_send.close()
+                    counters.drops += session._discard_queued()
+                case WakeProducers(session=session):
+                    session._wake_producers()
+                case Publish(message=message):
+                    if not self._backplane.publish_nowait(message):
+                        counters.drops += 1
+                        logger.warning("backplane dropped %r", message)
+                case Registered(session=session):
+                    session._offer_nowait(
+                        encode_frame(
+                            hello_message(session.session_id, session.user_id, session.username)
+                        ),
+                        trio.current_time(),
                     )
                     logger.info(
                         "session %s (user %s) registered",
-                        session_id,
-                        user_id,
-                        extra={"session_id": session_id, "user_id": user_id},
+                        session.session_id,
+                        session.user_id,
+                        extra=session.log_fields,
                     )
-                case SessionRemoved(session_id=session_id, user_id=user_id):
-                    counters.sessions_closed += 1
+                case Unregistered(session=session):
                     logger.info(
                         "session %s (user %s) unregistered",
-                        session_id,
-                        user_id,
-                        extra={"session_id": session_id, "user_id": user_id},
+                        session.session_id,
+                        session.user_id,
+                        extra=session.log_fields,
                     )
-                case UserJoined() | UserLeft():
-                    pass  # a Redis backplane (un)subscribes the user's channel here
+                case Subscribe() | Unsubscribe():
+                    pass  # a single node listens to no one; a Redis backplane (un)subscribes
+        if self._budget_waiters:
+            self._wake_budget_waiters()
+        return offers
 
     # --- connections -----------------------------------------------------------
 
@@ -923,7 +908,7 @@ class HandlerManager:
                 counters.handshakes_in_progress -= 1
             await _close_stream(stream)
             if session is not None:
-                session._ended = True
+                advance(session, Transition.END)
                 counters.closes_by_code[session.close_code] += 1
                 # Unregister exactly once, whatever ended the connection; shielded so
                 # that a cancelled connection still leaves no registry entry behind.
@@ -931,7 +916,7 @@ class HandlerManager:
                     trio.CancelScope(shield=True),
                     suppress(trio.ClosedResourceError, trio.BrokenResourceError),
                 ):
-                    await self._commands_send.send(_Unregister(session, close=False))
+                    await self._commands_send.send(Unregister(session, close=False))
             self._live_connections -= 1
             if self._live_connections == 0 and self._state is not _State.RUNNING:
                 self._all_connections_ended.set()
@@ -1081,6 +1066,7 @@ class HandlerManager:
         if self._state is not _State.RUNNING:
             return
         self._state = _State.CLOSING
+        self._router.accepting = False
         logger.info(
             "hub %s shutting down: closing %d sessions",
             self._instance_id,
@@ -1088,7 +1074,7 @@ class HandlerManager:
         )
         try:
             await self._commands_send.send(
-                _Close(
+                Close(
                     ToAll(), CloseCode.GOING_AWAY, "hub is shutting down", drain=True, remote=True
                 )
             )
@@ -1159,6 +1145,13 @@ async def open_hub(
                 hub._registry.session_count,
             )
         services.cancel_scope.cancel()
+
+
+def _expiry_deadline(identity: Identity) -> float | None:
+    """When ``identity`` expires on trio's clock (its ``valid_until`` is wall-clock time)."""
+    if identity.valid_until is None:
+        return None
+    return trio.current_time() + (identity.valid_until - time.time())
 
 
 def is_loopback(host: str) -> bool:

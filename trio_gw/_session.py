@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -18,6 +17,8 @@ from ._close_codes import CloseCode
 from ._config import HubConfig
 from ._errors import HubClosedError
 from ._frames import Frame
+from ._lifecycle import Lifecycle, Transition, advance
+from ._router import QueueBudget
 from ._transport import CloseWrite, FrameWriter, abort, make_writer
 
 if TYPE_CHECKING:
@@ -28,12 +29,16 @@ __all__ = ["Session"]
 logger = logging.getLogger("trio_gw")
 
 
-class Offer(enum.Enum):
-    """What happened to a frame offered to a session's outbound queue."""
-
-    QUEUED = enum.auto()
-    FULL = enum.auto()  # over the message or byte bound: a slow consumer
-    GONE = enum.auto()  # the session is closing; nothing more is written
+# A queued frame's age is known to within this many seconds: a session notes
+# the time of at most one offer per interval (see ``oldest_queued_at``).
+_MARK_INTERVAL = 0.02
+# A frame offered to an idle writer with nothing queued is written at once by
+# the offering task, at most once per this many seconds per session: a trickle
+# costs one syscall and no task switch per message, while a burst's frames
+# still reach the writer, which writes them in one syscall.
+_INLINE_INTERVAL = 0.001
+# Queued by a task that wrote part of a frame inline: the writer finishes it.
+_RESUME = Frame(b"", False, b"")
 
 
 class _Finished:
@@ -103,19 +108,38 @@ class Session:
     _out_recv: trio.MemoryReceiveChannel[Frame]
     _in_send: trio.MemorySendChannel[str | bytes]
     _in_recv: trio.MemoryReceiveChannel[str | bytes]
-    _queued_bytes: int = 0
+    _budget: QueueBudget
+    #: Where the session is in its life (see ``trio_gw._lifecycle``).
+    state: Lifecycle = Lifecycle.CONNECTING
+    #: Frames and bytes in the outbound queue now (not counting the write in progress).
+    queued_messages: int = 0
+    queued_bytes: int = 0
+    #: When the writer last finished a write, or the queue last filled while it
+    #: was idle (trio clock): how the router tells a stuck session.
+    last_progress: float = attrs.Factory(trio.current_time)
+    #: Set by the router: over the high-water mark, senders wait for it.
+    pressured: bool = False
+    #: Set by the router: when the credentials expire (trio clock).
+    expires_at: float | None = None
     _close: _CloseRequest | None = None
     _nursery: trio.Nursery | None = None
     _writer_done: _Finished = attrs.Factory(_Finished)
     _dispatcher_done: _Finished | None = None  # None until the first message arrives
     _close_done: _Finished = attrs.Factory(_Finished)
     _reader_blocked: bool = False
+    _writing: bool = False  # the writer holds a batch it has not finished writing
     _ping_in_flight: bool = False
     _started_at: float = attrs.Factory(trio.current_time)
-    _expires_at: float | None = None  # trio clock; set by the hub from identity.valid_until
-    _ended: bool = False
     _tasks: int = 0  # started with start_soon and still running
     _tasks_idle: trio.Event | None = None  # made only while someone waits for them
+    _drained: trio.Event | None = None  # made only while a sender waits for the queue
+    # (index of the first frame offered at t, t), at most one per _MARK_INTERVAL,
+    # for the frames still queued; None while the queue is empty.
+    _marks: list[tuple[int, float]] | None = None
+    _offered: int = 0  # frames ever queued
+    _inline_at: float = -1.0  # when a frame was last written inline
+    _inline_rest: int = 0  # the size of the frame written in part inline
+    _taken: int = 0  # frames the writer has taken off the queue
 
     @classmethod
     def _create(
@@ -143,6 +167,7 @@ class Session:
             out_recv,
             in_send,
             in_recv,
+            hub._router.budget,
         )
 
     def __repr__(self) -> str:
@@ -238,52 +263,126 @@ class Session:
                 self._tasks_idle = trio.Event()
             await self._tasks_idle.wait()
 
-    # --- called by the hub actor: synchronous, never waits -------------------
+    @property
+    def _ended(self) -> bool:
+        return self.state is Lifecycle.ENDED
 
-    def _offer_nowait(self, frame: Frame) -> Offer:
-        size = len(frame.wire)
-        if self._queued_bytes + size > self._config.outbound_queue_bytes:
-            return Offer.FULL
+    # --- the router's narrow protocol: synchronous, never waits -----------------
+
+    def oldest_queued_at(self) -> float | None:
+        """When the oldest queued frame was queued (trio clock, to within 20 ms), or None."""
+        marks = self._marks
+        return marks[0][1] if marks and self.queued_messages else None
+
+    def _offer_nowait(self, frame: Frame, now: float) -> bool:
+        """Queue ``frame`` (the router checked it fits); False if the session is closing.
+
+        When the writer is idle with nothing queued, the frame is written here,
+        with one non-blocking send (see ``_INLINE_INTERVAL``); a rest the socket
+        does not take is left to the writer, so the order is kept.
+        """
+        if (
+            not self._writing
+            and not self.queued_messages
+            and now - self._inline_at >= _INLINE_INTERVAL
+            and self._close is None
+        ):
+            self._inline_at = now
+            written = self._writer.write_nowait(frame)
+            if written:
+                counters = self._hub._counters
+                counters.messages_out += 1
+                counters.bytes_out += len(frame.wire)
+                self.last_progress = now
+                return True
+            if written is None:
+                # Part of it went out: the writer finishes it before anything else.
+                self._writing = True
+                self._inline_rest = len(frame.wire)
+                self._out_send.send_nowait(_RESUME)
+                return True
         try:
             self._out_send.send_nowait(frame)
-        except trio.WouldBlock:
-            return Offer.FULL
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            return Offer.GONE
-        self._queued_bytes += size
-        return Offer.QUEUED
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            return False
+        size = len(frame.wire)
+        marks = self._marks
+        if marks is None:
+            if not self._writing:
+                self.last_progress = now  # the stall clock starts with the work
+            self._marks = [(self._offered, now)]
+        elif now - marks[-1][1] >= _MARK_INTERVAL:
+            marks.append((self._offered, now))
+        self._offered += 1
+        self.queued_messages += 1
+        self.queued_bytes += size
+        self._budget.queued += size
+        return True
+
+    def _took(self, count: int, size: int) -> None:
+        """The writer took ``count`` frames (``size`` bytes) off the queue."""
+        self.queued_messages -= count
+        self.queued_bytes -= size
+        self._budget.queued -= size
+        self._taken += count
+        marks = self._marks
+        if marks is None:
+            return
+        if not self.queued_messages:
+            self._marks = None
+            return
+        taken, drop = self._taken, 0
+        while drop + 1 < len(marks) and marks[drop + 1][0] <= taken:
+            drop += 1
+        if drop:
+            del marks[:drop]
 
     def _request_close(self, code: int, reason: str, *, drain: bool) -> None:
-        """Start closing; the actor has already unregistered the session.
+        """Start closing; the router has unregistered the session and marked it closing.
 
         With ``drain``, what is queued is still written, and so are the replies
         of the messages the client sent before (see ``_close_procedure``).
-        Without it, nothing more is written but the close frame.
+        Without it, what is queued is dropped (and counted), and nothing more
+        is written but the close frame.
         """
-        if self._close is not None or self._ended:
+        if self._close is not None or self.state is Lifecycle.ENDED:
             return
+        advance(self, Transition.CLOSE)  # already done when the router decided it
         self._close = _CloseRequest(code, reason, drain)
         # The session takes no new client messages; those already received are
         # still handed to the callback.
         self._in_send.close()
         if not drain:
             self._out_send.close()
+            self._hub._counters.drops += self._discard_queued()
         if self._nursery is not None:
             # RuntimeError: the connection ended a moment ago; nothing to close.
             with suppress(RuntimeError):
                 self._nursery.start_soon(self._close_procedure)
 
     def _discard_queued(self) -> int:
-        """Drop every frame still queued (the connection has ended); returns how many."""
+        """Drop every frame still queued; returns how many."""
         dropped = 0
         while True:
             try:
-                self._out_recv.receive_nowait()
+                frame = self._out_recv.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
-            dropped += 1
-        self._queued_bytes = 0
+            if frame is not _RESUME:  # a half-written frame is finished by the close frame
+                dropped += 1
+        self._took(self.queued_messages, self.queued_bytes)
         return dropped
+
+    async def _wait_drained(self) -> None:
+        """Wait until the router wakes the senders waiting for this session."""
+        if self._drained is None:
+            self._drained = trio.Event()
+        await self._drained.wait()
+
+    def _wake_producers(self) -> None:
+        if self._drained is not None:
+            self._drained.set()
+            self._drained = None
 
     # --- the session's own tasks ----------------------------------------------
 
@@ -370,7 +469,8 @@ class Session:
             done.set()
 
     async def _write_loop(self) -> None:
-        recv, writer, counters = self._out_recv, self._writer, self._hub._counters
+        recv, writer, hub = self._out_recv, self._writer, self._hub
+        counters = hub._counters
         max_write = self._config.max_write_bytes
         try:
             while True:
@@ -378,6 +478,10 @@ class Session:
                     frame = await recv.receive()
                 except trio.EndOfChannel:
                     return
+                if frame is _RESUME:
+                    if not await self._resume_inline_write():
+                        return
+                    continue
                 batch = [frame]
                 size = len(frame.wire)
                 while size < max_write:
@@ -387,13 +491,16 @@ class Session:
                         break
                     batch.append(frame)
                     size += len(frame.wire)
-                self._queued_bytes -= size
                 count = len(batch)
+                self._took(count, size)
+                self._writing = True
                 try:
                     written = await writer.write(batch)
                 except BaseException:
                     counters.drops += count  # cancelled: at most part of it went out
                     raise
+                finally:
+                    self._writing = False
                 # An idle writer must not keep its last batch alive.
                 batch = frame = None  # type: ignore[assignment]
                 if written < count:
@@ -407,12 +514,36 @@ class Session:
                     return
                 counters.messages_out += count
                 counters.bytes_out += size
+                self.last_progress = trio.current_time()
+                if self.pressured or hub._budget_waiters:
+                    hub._on_progress(self)
                 if self._close is not None and not self._close.drain:
                     return
         finally:
             self._writer_done.set()
 
-    def _start_ping(self) -> None:
+    async def _resume_inline_write(self) -> bool:
+        """Finish a frame written in part inline; False if the connection can't be written."""
+        try:
+            whole = await self._writer.resume()
+        except BaseException:
+            self._hub._counters.drops += 1
+            raise
+        finally:
+            self._writing = False
+        counters = self._hub._counters
+        if not whole:
+            counters.drops += 1 + self._discard_queued()
+            self._out_recv.close()
+            return False
+        counters.messages_out += 1
+        counters.bytes_out += self._inline_rest
+        self.last_progress = trio.current_time()
+        if self.pressured or self._hub._budget_waiters:
+            self._hub._on_progress(self)
+        return True
+
+    def _ping(self) -> None:
         """Ping the client in a short-lived task (called by the hub's heartbeat).
 
         A resident heartbeat task per session would cost memory on every idle
@@ -459,6 +590,7 @@ class Session:
     def _fail(self) -> _CloseRequest:
         """Note that an unexpected error ended the session's tasks; it closes with 1011."""
         if self._close is None:
+            advance(self, Transition.CLOSE)
             self._close = _CloseRequest(CloseCode.SERVER_ERROR, "server error", drain=False)
             self._in_send.close()
             self._out_send.close()

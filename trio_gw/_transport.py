@@ -121,6 +121,18 @@ class ServerProtocol(WSConnection):
         # it is owed, ``state`` reads REMOTE_CLOSING, so that trio-websocket
         # answers the close (with our code) before it closes the stream.
         self._owed_close = False
+        # While a frame written inline is half out, what trio-websocket frames
+        # (pongs, its close frame) is held here, and written after that frame.
+        self._held: bytearray | None = None
+
+    def hold_control_frames(self) -> None:
+        """Hold what ``send`` frames from now on, until ``release_held``."""
+        self._held = bytearray()
+
+    def release_held(self) -> bytes:
+        """Stop holding; return what was held."""
+        held, self._held = self._held, None
+        return bytes(held) if held else b""
 
     @property
     def http_version(self) -> bytes | None:
@@ -177,6 +189,13 @@ class ServerProtocol(WSConnection):
 
     def send(self, event: Event) -> bytes:
         """Frame ``event``; control frames that can no longer be sent are dropped."""
+        data = self._send(event)
+        if self._held is not None and data:
+            self._held += data
+            return b""
+        return data
+
+    def _send(self, event: Event) -> bytes:
         connection = self.connection
         if connection is not None:
             if self._owed_close and isinstance(event, CloseConnection):
@@ -314,6 +333,14 @@ class FrameWriter(Protocol):
         """
         ...
 
+    def write_nowait(self, frame: Frame) -> bool | None:
+        """Write one frame now from any task, if the socket takes it (see ``FastWriter``)."""
+        ...
+
+    async def resume(self) -> bool:
+        """Finish what ``write_nowait`` left half written (see ``FastWriter``)."""
+        ...
+
     def write_close_nowait(self, code: int, reason: str) -> CloseWrite:
         """Send a close frame now, without waiting, from outside the writer task.
 
@@ -350,6 +377,14 @@ class PortableWriter:
         self._writing = False
         return written
 
+    def write_nowait(self, frame: Frame) -> bool | None:
+        """It only writes through trio-websocket: never inline."""
+        return False
+
+    async def resume(self) -> bool:  # pragma: no cover - write_nowait never leaves a rest
+        """Nothing is ever half written by ``write_nowait``."""
+        return False
+
     def write_close_nowait(self, code: int, reason: str) -> CloseWrite:
         """See ``FrameWriter.write_close_nowait``: it cannot write itself."""
         return CloseWrite.BLOCKED if self._writing else CloseWrite.NOT_SENT
@@ -377,6 +412,67 @@ class FastWriter:
     def exact(self) -> bool:
         """See ``FrameWriter.exact``: on plain TCP, where it writes to the socket itself."""
         return self._socket is not None
+
+    def write_nowait(self, frame: Frame) -> bool | None:
+        """Write ``frame`` with one non-blocking send, from any task.
+
+        Only for when the session's writer is idle with nothing queued (the
+        caller checks). The writer stays the only task that waits on the socket.
+
+        Returns:
+            True if the frame went out whole; False if nothing was written
+            (queue it as usual); None if part of it went out: the rest is a
+            write in progress that ``resume`` finishes, and until then what
+            trio-websocket frames (pongs, a close) is held to follow it.
+        """
+        sock, proto = self._socket, self._proto
+        if (
+            sock is None
+            or self._batch is not None
+            or self._lock.locked()
+            or not isinstance(proto, ServerProtocol)
+            or proto.state is not ConnectionState.OPEN
+        ):
+            return False
+        wire = frame.wire
+        sent = _write_nowait(sock, wire)
+        if sent == len(wire):
+            return True
+        if sent <= 0:
+            return False  # full, or broken: the writer finds out
+        proto.hold_control_frames()
+        self._batch = [frame]
+        self._sent = sent
+        return None
+
+    async def resume(self) -> bool:
+        """Finish the frame ``write_nowait`` left half written, then what was held.
+
+        Returns:
+            True if the frame went out whole (here or by ``write_close_nowait``).
+        """
+        lock = self._lock
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
+            batch, sock = self._batch, self._socket
+            if batch is None or sock is None:
+                return self._cut_whole > 0  # finished by write_close_nowait
+            whole = await self._write_slowly(sock, batch, batch[0].wire, self._sent) == 1
+            held = self._release_held()
+            if held:
+                await self._stream.send_all(held)
+            return whole
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        finally:
+            lock.release()
+
+    def _release_held(self) -> bytes:
+        proto = self._proto
+        return proto.release_held() if isinstance(proto, ServerProtocol) else b""
 
     async def write(self, frames: list[Frame]) -> int:
         """See ``FrameWriter.write``."""
@@ -457,7 +553,7 @@ class FastWriter:
             rest = b"".join([f.wire for f in batch])[self._sent : end]
             self._batch = None
             self._cut_whole = whole
-        data = rest + self._proto.send(CloseConnection(code, reason))
+        data = rest + self._release_held() + self._proto.send(CloseConnection(code, reason))
         if _write_nowait(sock, data) != len(data):
             return CloseWrite.BLOCKED
         if rest:
