@@ -27,12 +27,28 @@ SCENARIOS: dict[
         [{"connections": 1000, "messages": 200}],
         [{"connections": 1000, "messages": 200}, {"connections": 5000, "messages": 40}],
     ),
+    # 4 KiB messages; messages * size stays below trio_gw's 1 MiB outbound_queue_bytes.
+    "fanout_4k": (
+        h.fanout_4k,
+        [{"connections": 1000, "messages": 100, "size": 4096}],
+        [{"connections": 1000, "messages": 200, "size": 4096}],
+    ),
     "to_users": (
         h.to_users,
         [{"connections": 2000, "users_n": 1000, "calls": 2000}],
         [{"connections": 2000, "users_n": 1000, "calls": 5000}],
     ),
-    "rpc": (h.rpc, [{"connections": 200, "seconds": 3}], [{"connections": 200, "seconds": 10}]),
+    "rpc": (
+        h.rpc,
+        [{"connections": 200, "seconds": 3}, {"connections": 1000, "seconds": 3}],
+        [{"connections": 200, "seconds": 10}, {"connections": 1000, "seconds": 10}],
+    ),
+    # Two connections per user; 32 calls in flight in all (one load generator).
+    "rpc_fanout": (
+        h.rpc_fanout,
+        [{"connections": 1000, "users_n": 500, "per_call": 10, "inflight": 32, "seconds": 3}],
+        [{"connections": 2000, "users_n": 1000, "per_call": 10, "inflight": 32, "seconds": 10}],
+    ),
     "idle": (h.idle, [{"connections": 2000}], [{"connections": 5000}, {"connections": 10000}]),
     "burst": (
         h.burst,
@@ -49,11 +65,20 @@ SCENARIOS: dict[
 # The figure each scenario is judged by, and whether lower is better.
 KEY = {
     "fanout": ("server_cpu_us_per_delivery", True),
+    "fanout_4k": ("peak_rss_growth_mib", True),
     "to_users": ("server_cpu_us_per_delivery", True),
     "rpc": ("round_trips_per_s", False),
+    "rpc_fanout": ("server_cpu_us_per_delivery", True),
     "idle": ("kib_per_connection", True),
     "slow_consumer": ("server_cpu_us_per_delivery", True),
     "burst": ("normal_whole", False),
+}
+
+# Further figures the table gives a ratio column for, after the key's.
+MORE_RATIOS = {
+    "fanout_4k": [("server_cpu_us_per_delivery", True)],
+    "rpc": [("server_cpu_us_per_round_trip", True)],
+    "burst": [("peak_rss_growth_mib", True)],
 }
 
 
@@ -141,14 +166,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def tiny(scenario: str) -> dict[str, Any]:
-    return {
+    sizes: dict[str, dict[str, Any]] = {
         "fanout": {"connections": 20, "messages": 20},
+        "fanout_4k": {"connections": 20, "messages": 20, "size": 4096, "settle_seconds": 0.2},
         "to_users": {"connections": 20, "users_n": 10, "calls": 20, "per_call": 3},
         "rpc": {"connections": 5, "seconds": 0.5},
+        "rpc_fanout": {
+            "connections": 20,
+            "users_n": 10,
+            "per_call": 3,
+            "inflight": 8,
+            "seconds": 0.5,
+        },
         "idle": {"connections": 20},
         "slow_consumer": {"normal": 5, "messages": 50, "timeout": 10, "slow_drain_seconds": 1},
-        "burst": {"normal": 5, "messages": 50, "timeout": 10},
-    }[scenario]
+        "burst": {"normal": 5, "messages": 50, "timeout": 10, "slow_drain_seconds": 1},
+    }
+    return sizes[scenario]
 
 
 def summary(scenario: str, row: dict[str, Any]) -> str:
@@ -157,8 +191,33 @@ def summary(scenario: str, row: dict[str, Any]) -> str:
     if scenario in ("slow_consumer", "burst"):
         extra = (
             f" slow={row.get('slow_client')} normal_complete={row.get('normal_clients_complete')}"
+            f" peak_rss_growth_mib={row.get('peak_rss_growth_mib')}"
         )
+    elif scenario == "rpc":
+        extra = f" server_cpu_us_per_round_trip={row.get('server_cpu_us_per_round_trip')}"
+    elif scenario == "rpc_fanout":
+        extra = (
+            f" calls={row.get('calls')} deliveries={row.get('deliveries')}"
+            f" expected={row.get('expected')}"
+        )
+    elif scenario == "fanout_4k":
+        extra = (
+            f" held_rss_growth_mib={row.get('held_rss_growth_mib')}"
+            f" server_cpu_us_per_delivery={row.get('server_cpu_us_per_delivery')}"
+        )
+    if row.get("error"):
+        extra += f" error={row['error']}"
     return f"{key}={row.get(key)} complete={row.get('complete')}{extra}"
+
+
+def ratio(row: dict[str, Any], hub: dict[str, Any], key: str, lower: bool) -> str:
+    """peer / trio_gw if lower is better, else trio_gw / peer: above 1, trio_gw did better."""
+    peer, ours = row.get(key), hub.get(key)
+    if row is hub or not isinstance(peer, int | float) or not isinstance(ours, int | float):
+        return ""
+    if ours <= 0 or peer < 0 or (peer == 0 and not lower):
+        return ""
+    return f"{peer / ours:.2f}x" if lower else f"{ours / peer:.2f}x"
 
 
 def render(rows: list[dict[str, Any]]) -> str:
@@ -168,12 +227,13 @@ def render(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         groups.setdefault((row["scenario"], row["params"]), []).append(row)
     for (scenario, params), group in groups.items():
-        key, lower = KEY[scenario]
+        ratios = [KEY[scenario], *MORE_RATIOS.get(scenario, [])]
         hub = next((r for r in group if r["server"] == "trio_gw"), None)
         lines.append(f"\n### {scenario} ({params})\n")
         cols = columns(scenario)
-        lines.append("| server | " + " | ".join(cols) + f" | {key}: peer / trio_gw |")
-        lines.append("|---" * (len(cols) + 2) + "|")
+        heads = [f"{k}: {'peer / trio_gw' if lower else 'trio_gw / peer'}" for k, lower in ratios]
+        lines.append("| server | " + " | ".join(cols + heads) + " |")
+        lines.append("|---" * (len(cols) + len(heads) + 1) + "|")
         for row in group:
             cells = [
                 fmt(
@@ -183,15 +243,37 @@ def render(rows: list[dict[str, Any]]) -> str:
                 )
                 for c in cols
             ]
-            ratio = ""
-            if hub and row is not hub and isinstance(row.get(key), int | float) and hub.get(key):
-                r = row[key] / hub[key]
-                ratio = f"{r:.2f}x" if lower else f"{1 / r:.2f}x" if r else ""
-            lines.append(f"| {row['server']} | " + " | ".join(cells) + f" | {ratio} |")
+            cells += [ratio(row, hub, key, lower) if hub else "" for key, lower in ratios]
+            lines.append(f"| {row['server']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def columns(scenario: str) -> list[str]:
+    if scenario == "fanout_4k":
+        return [
+            "server_cpu_us_per_delivery",
+            "peak_rss_growth_mib",
+            "held_rss_growth_mib",
+            "rss_before_mib",
+            "deliveries_per_s",
+            "latency.p50_us",
+            "latency.p99_us",
+            "client_cpu_s",
+            "complete",
+            "in_order",
+        ]
+    if scenario == "rpc_fanout":
+        return [
+            "server_cpu_us_per_delivery",
+            "server_cpu_us_per_call",
+            "calls_per_s",
+            "deliveries_per_s",
+            "call_latency.p50_us",
+            "call_latency.p99_us",
+            "push_latency.p99_us",
+            "client_cpu_s",
+            "complete",
+        ]
     if scenario in ("fanout", "to_users"):
         return [
             "server_cpu_us_per_delivery",
@@ -221,6 +303,7 @@ def columns(scenario: str) -> list[str]:
             "seconds",
             "slow_client",
             "slow_client_received",
+            "peak_rss_growth_mib",
             "rss_growth_mib",
             "server_cpu_us_per_delivery",
         ]
@@ -229,6 +312,7 @@ def columns(scenario: str) -> list[str]:
         "seconds",
         "slow_client",
         "slow_client_received",
+        "peak_rss_growth_mib",
         "rss_growth_mib",
         "server_cpu_us_per_delivery",
         "in_order",
@@ -301,6 +385,33 @@ Versions: {versions}.
   the stuck client; the naive trio-websocket server stalls every client.
 - **idle** memory is the server's RSS growth per open connection. trio-websocket
   alone accounts for about 20 KiB of it (the naive server's figure).
+- **rpc** is closed-loop echo: every connection keeps one request in flight
+  (200 or 1,000 in all). Round trips a second also depend on the single load
+  generator; server CPU per round trip does not.
+- **rpc_fanout** is a request whose handling pushes: for each call the server
+  sends one ~100-byte message to every connection of 10 distinct users (two
+  connections each, so 20 pushes) and then answers the caller. Call k draws its
+  users from a fixed seed. One load generator keeps 32 calls in flight in all,
+  each sent from the next connection in turn. trio_gw does this in its
+  `on_handler_message_received` callback (`send_message_to_user_ids`, then
+  `reply`); `websockets` calls `broadcast()` on those connections, then
+  `await send`s the answer; the naive server awaits `send_message` on each of
+  them in turn, then answers. Server CPU is per push received; `complete` means
+  every push reached every one of its recipients.
+- **fanout_4k** is `fanout` with 4 KiB messages. Peak RSS growth is the highest
+  server RSS, sampled every 20 ms from the broadcast until every client had
+  every message, over the RSS just before; held is the same 1 s later, clients
+  still connected. RSS leaves out the kernel's socket buffers: what a server
+  has written to a socket but the client has not yet read is not counted, only
+  what it still holds itself.
+- **burst** is unpaced 1 KiB broadcasts to 100 reading clients and one that
+  stopped reading. `normal_whole` counts readers that got everything in order,
+  `normal_closed` readers that were disconnected, both taken when the readers
+  finished (or the timeout passed), before the stalled reader reads again. Peak
+  RSS growth is sampled every 20 ms until the stalled reader has been drained;
+  `rss_growth_mib` is measured after every client hung up. `seconds` includes up
+  to 10 s waiting, after the readers finished, for the stalled reader (reading
+  again) to be closed.
 {table}
 """
 

@@ -6,6 +6,7 @@ import os
 import selectors
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -89,6 +90,43 @@ class Server:
         self.log.close()
 
 
+class PeakRss:
+    """The highest RSS of a server while the block runs, sampled every ``interval`` s.
+
+    Sampled on a thread of the harness (not on either measured core's processes),
+    from a reading taken on entry; ``sample()`` adds one more reading.
+    """
+
+    def __init__(self, server: Server, interval: float = 0.02) -> None:
+        self.interval = interval
+        self.process = psutil.Process(server.process.pid)
+        self.peak = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> int:
+        try:
+            rss = int(self.process.memory_info().rss)
+        except psutil.Error:
+            return self.peak
+        self.peak = max(self.peak, rss)
+        return rss
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> PeakRss:
+        self.sample()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.sample()
+
+
 class LoadGen:
     """One load-generating process, pinned to the client core."""
 
@@ -162,17 +200,24 @@ def _ready(gens: list[LoadGen], timeout: float = 120) -> dict[str, Any]:
     }
 
 
-def _done(gens: list[LoadGen], timeout: float, server: Server) -> dict[str, Any]:
+def _done(
+    gens: list[LoadGen], timeout: float, server: Server, hold: bool = False
+) -> dict[str, Any]:
+    """The load generators' done events, summed; ``hold``: they stay connected until released."""
     events = [g.event(timeout) for g in gens]
     # Read the clock before the load generators hang up: tearing connections
     # down is not part of what a scenario measures.
     server_cpu, at = server.cpu(), time.monotonic()
-    for g in gens:
-        g.wait()
+    if not hold:
+        for g in gens:
+            g.wait()
     latency = max((e["latency"] for e in events), key=lambda x: x.get("p99_us", 0))
+    call_latency = max((e["call_latency"] for e in events), key=lambda x: x.get("p99_us", 0))
     return {
         "received": sum(e["received"] for e in events),
+        "expected": sum(e["expected"] for e in events),
         "round_trips": sum(e["round_trips"] for e in events),
+        "call_latency": call_latency,
         "complete": all(e["complete"] for e in events),
         "in_order": all(e["in_order"] for e in events),
         "timed_out": any(e["timed_out"] for e in events),
@@ -186,10 +231,25 @@ def _done(gens: list[LoadGen], timeout: float, server: Server) -> dict[str, Any]
     }
 
 
+def _release(gens: list[LoadGen]) -> None:
+    """Let held load generators hang up, and wait for them."""
+    for g in gens:
+        with suppress(OSError):  # it may have been killed for not answering
+            g.release()
+    for g in gens:
+        g.wait()
+
+
 def _delivery_result(
-    server: Server, gens: list[LoadGen], expected: int, cpu0: float, t0: float, timeout: float
+    server: Server,
+    gens: list[LoadGen],
+    expected: int,
+    cpu0: float,
+    t0: float,
+    timeout: float,
+    hold: bool = False,
 ) -> dict[str, Any]:
-    done = _done(gens, timeout, server)
+    done = _done(gens, timeout, server, hold)
     seconds = done["at"] - t0
     cpu = done["server_cpu"] - cpu0
     deliveries = done["received"]
@@ -225,6 +285,55 @@ def fanout(
     result = _delivery_result(server, gens, connections * messages, cpu0, t0, timeout)
     server.reply(timeout)
     return {**result, "connect_errors": ready["errors"]}
+
+
+def fanout_4k(
+    server: Server,
+    connections: int,
+    messages: int,
+    size: int = 4096,
+    settle_seconds: float = 1.0,
+    timeout: float = 120,
+) -> dict[str, Any]:
+    """``fanout`` of large messages: CPU per delivery, and the memory it takes and keeps.
+
+    ``peak_rss_growth_mib``: the highest RSS sampled (every 20 ms) from the broadcast
+    until every client had every message, over the RSS just before it.
+    ``held_rss_growth_mib``: the RSS ``settle_seconds`` after that, clients still
+    connected, over the same baseline. ``messages * size`` stays below trio_gw's
+    ``outbound_queue_bytes`` (1 MiB), so no reader is closed as a slow consumer.
+    """
+    users = [f"u{i}" for i in range(connections)]
+    gens = _connect(
+        server,
+        users,
+        1,
+        mode="receive",
+        expected_all=[messages] * connections,
+        timeout=timeout,
+        hold=True,
+    )
+    ready = _ready(gens)
+    try:
+        rss0 = server.rss()
+        with PeakRss(server) as peak:
+            cpu0, t0 = server.cpu(), time.monotonic()
+            server.send({"op": "fanout", "count": messages, "size": size})
+            result = _delivery_result(
+                server, gens, connections * messages, cpu0, t0, timeout, hold=True
+            )
+            server.reply(timeout)
+            time.sleep(settle_seconds)
+            held = peak.sample()
+    finally:
+        _release(gens)
+    return {
+        **result,
+        "rss_before_mib": round(rss0 / 2**20, 1),
+        "peak_rss_growth_mib": round((peak.peak - rss0) / 2**20, 1),
+        "held_rss_growth_mib": round((held - rss0) / 2**20, 1),
+        "connect_errors": ready["errors"],
+    }
 
 
 def to_users(
@@ -275,6 +384,65 @@ def rpc(server: Server, connections: int, seconds: float) -> dict[str, Any]:
         "client_cpu_s": round(done["client_cpu_s"], 3),
         "latency": done["latency"],
         "complete": not done["timed_out"],
+        "connect_errors": ready["errors"],
+    }
+
+
+def rpc_fanout(
+    server: Server,
+    connections: int,
+    users_n: int,
+    seconds: float,
+    per_call: int = 10,
+    inflight: int = 32,
+    size: int = 100,
+    timeout: float = 60,
+) -> dict[str, Any]:
+    """Requests whose handling pushes to ``per_call`` users, then answers the caller.
+
+    ``connections`` are spread evenly over ``users_n`` users (connection i is user
+    ``u{i % users_n}``). One load generator keeps ``inflight`` calls open in
+    total, each from the next connection in turn, for ``seconds``; call k names
+    the k-th draw of ``per_call`` distinct users (seed 11). A delivery is a push
+    received by a client; answers are counted as calls, not deliveries.
+    """
+    users = [f"u{i % users_n}" for i in range(connections)]
+    gens = _connect(
+        server,
+        users,
+        1,
+        mode="rpc_fanout",
+        users_n=users_n,
+        per_call=per_call,
+        seed=11,
+        inflight=inflight,
+        size=size,
+        seconds=seconds,
+        strict=False,
+        timeout=seconds + timeout,
+    )
+    ready = _ready(gens)
+    cpu0, t0 = server.cpu(), time.monotonic()
+    done = _done(gens, seconds + timeout + 30, server)
+    elapsed = done["at"] - t0
+    cpu = done["server_cpu"] - cpu0
+    calls, deliveries = done["round_trips"], done["received"]
+    return {
+        "calls": calls,
+        "calls_per_s": round(calls / elapsed) if elapsed else 0,
+        "deliveries": deliveries,
+        "expected": done["expected"],
+        "deliveries_per_s": round(deliveries / elapsed) if elapsed else 0,
+        "seconds": round(elapsed, 3),
+        "server_cpu_s": round(cpu, 3),
+        "server_cpu_us_per_delivery": round(cpu / deliveries * 1e6, 2) if deliveries else None,
+        "server_cpu_us_per_call": round(cpu / calls * 1e6, 2) if calls else None,
+        "client_cpu_s": round(done["client_cpu_s"], 3),
+        "call_latency": done["call_latency"],
+        "push_latency": done["latency"],
+        "complete": done["complete"] and calls > 0 and deliveries == done["expected"],
+        "timed_out": done["timed_out"],
+        "rss_mib": round(server.rss() / 2**20, 1),
         "connect_errors": ready["errors"],
     }
 
@@ -333,10 +501,11 @@ def slow_consumer(
     )
     _ready(gens)
     rss0 = server.rss()
-    cpu0, t0 = server.cpu(), time.monotonic()
-    server.send({"op": "fanout", "count": messages, "size": size, "rate": rate})
-    result = _delivery_result(server, gens, normal * messages, cpu0, t0, timeout + 30)
-    server.reply(5)
+    with PeakRss(server) as peak:
+        cpu0, t0 = server.cpu(), time.monotonic()
+        server.send({"op": "fanout", "count": messages, "size": size, "rate": rate})
+        result = _delivery_result(server, gens, normal * messages, cpu0, t0, timeout + 30)
+        server.reply(5)
     slow = result.pop("slow")
     outcome = "still connected"
     if slow and slow[0]["close_code"] is not None:
@@ -349,16 +518,31 @@ def slow_consumer(
         "slow_client": outcome,
         "slow_client_received": slow[0]["received"] if slow else None,
         "rss_growth_mib": round((server.rss() - rss0) / 2**20, 1),
+        "peak_rss_growth_mib": round((peak.peak - rss0) / 2**20, 1),
     }
 
 
 def burst(
-    server: Server, normal: int, messages: int, size: int = 1024, timeout: float = 60
+    server: Server,
+    normal: int,
+    messages: int,
+    size: int = 1024,
+    timeout: float = 60,
+    slow_drain_seconds: float = 10,
 ) -> dict[str, Any]:
     """An unpaced burst of broadcasts to ``normal`` reading clients and one stalled reader.
 
     The producer sends as fast as the server lets it. The questions: does every
     healthy reader get everything in order, is the stalled one closed (and how),
-    and how much memory does the burst cost?
+    and how much memory does the burst cost (at its peak, sampled every 20 ms
+    until the stalled reader was drained, and once everyone hung up)?
     """
-    return slow_consumer(server, normal, messages, size=size, rate=0, timeout=timeout)
+    return slow_consumer(
+        server,
+        normal,
+        messages,
+        size=size,
+        rate=0,
+        timeout=timeout,
+        slow_drain_seconds=slow_drain_seconds,
+    )

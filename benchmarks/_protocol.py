@@ -16,14 +16,19 @@
   shared by every process on Linux), padded to S bytes.
 * A client may send ``{"type":"request","payload":{"service","method","params","trace_id"}}``;
   the server answers ``{"type":"response","payload":{"trace_id","result":params,"error":null}}``.
+* A request whose method is ``"fanout"`` (params ``{"call": K, "users": [...], "size": S}``)
+  first has the server send ``message(K, S)`` to every connection of every listed
+  user (``fanout_call`` decodes it), then it is answered like any request.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 import resource
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -38,11 +43,17 @@ def message(seq: int, size: int) -> bytes:
     return head[:-2] + b"x" * pad + b'"}'
 
 
-def user_draws(calls: int, per_call: int, users: int, seed: int) -> list[list[str]]:
-    """The user lists of a to_users run, identical in every process."""
+def iter_user_draws(per_call: int, users: int, seed: int) -> Iterator[list[str]]:
+    """Endless lists of ``per_call`` distinct users, the same sequence for a seed."""
     rng = random.Random(seed)
     names = [f"{BENCH_USER_PREFIX}{i}" for i in range(users)]
-    return [rng.sample(names, per_call) for _ in range(calls)]
+    while True:
+        yield rng.sample(names, per_call)
+
+
+def user_draws(calls: int, per_call: int, users: int, seed: int) -> list[list[str]]:
+    """The user lists of a to_users run, identical in every process."""
+    return list(itertools.islice(iter_user_draws(per_call, users, seed), calls))
 
 
 def expected_per_user(draws: list[list[str]]) -> Counter[str]:
@@ -57,6 +68,15 @@ def rpc_response(request: Any) -> dict[str, Any]:
         "type": "response",
         "payload": {"trace_id": payload["trace_id"], "result": payload["params"], "error": None},
     }
+
+
+def fanout_call(request: Any) -> tuple[list[str], str] | None:
+    """A ``"fanout"`` request's recipients and the text pushed to them; None for others."""
+    payload = request["payload"]
+    if payload["method"] != "fanout":
+        return None
+    params = payload["params"]
+    return params["users"], message(params["call"], params["size"]).decode()
 
 
 def raise_fd_limit() -> None:

@@ -12,11 +12,7 @@ import trio
 import trio_gw
 from trio_gw import HubConfig, Session
 
-from ._protocol import message, raise_fd_limit, rpc_response, user_draws
-
-
-async def on_message(reply: Any, handler: Session, decoded: Any) -> None:
-    await reply(handler, rpc_response(decoded))
+from ._protocol import fanout_call, message, raise_fd_limit, rpc_response, user_draws
 
 
 async def control(hub: trio_gw.HandlerManager) -> None:
@@ -61,6 +57,16 @@ async def control(hub: trio_gw.HandlerManager) -> None:
 
 
 async def main(port: int, writer: str) -> None:
+    hub: trio_gw.HandlerManager
+
+    async def on_message(reply: Any, handler: Session, decoded: Any) -> None:
+        # rpc_fanout: one send to every session of the listed users, then the answer.
+        call = fanout_call(decoded)
+        if call is not None:
+            users, push = call
+            await hub.send_message_to_user_ids(users, push)
+        await reply(handler, rpc_response(decoded))
+
     config = HubConfig(
         port=port,
         writer=writer,

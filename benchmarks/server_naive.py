@@ -11,7 +11,7 @@ import orjson
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
-from ._protocol import message, raise_fd_limit, rpc_response, user_draws
+from ._protocol import fanout_call, message, raise_fd_limit, rpc_response, user_draws
 
 connections: dict[str, set[WebSocketConnection]] = defaultdict(set)
 everyone: set[WebSocketConnection] = set()
@@ -27,8 +27,14 @@ async def handler(request: WebSocketRequest) -> None:
             orjson.dumps({"type": "event", "payload": {"topic": "hello"}}).decode()
         )
         while True:
-            raw = await ws.get_message()
-            await ws.send_message(orjson.dumps(rpc_response(orjson.loads(raw))).decode())
+            decoded = orjson.loads(await ws.get_message())
+            # rpc_fanout: await send_message on every connection of the listed
+            # users in turn, then answer.
+            call = fanout_call(decoded)
+            if call is not None:
+                users, push = call
+                await send_to([peer for user in users for peer in connections.get(user, ())], push)
+            await ws.send_message(orjson.dumps(rpc_response(decoded)).decode())
     except ConnectionClosed:
         pass
     finally:

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 from websockets.asyncio.server import ServerConnection, broadcast, serve
 
-from ._protocol import message, raise_fd_limit, rpc_response, user_draws
+from ._protocol import fanout_call, message, raise_fd_limit, rpc_response, user_draws
 
 connections: dict[str, set[ServerConnection]] = defaultdict(set)
 everyone: set[ServerConnection] = set()
@@ -24,7 +24,14 @@ async def handler(ws: ServerConnection) -> None:
     try:
         await ws.send(orjson.dumps({"type": "event", "payload": {"topic": "hello"}}).decode())
         async for raw in ws:
-            await ws.send(orjson.dumps(rpc_response(orjson.loads(raw))).decode())
+            request = orjson.loads(raw)
+            # rpc_fanout: broadcast() to every connection of the listed users
+            # (no await, no backpressure, as for the other scenarios), then answer.
+            call = fanout_call(request)
+            if call is not None:
+                users, push = call
+                broadcast([peer for user in users for peer in connections.get(user, ())], push)
+            await ws.send(orjson.dumps(rpc_response(request)).decode())
     finally:
         everyone.discard(ws)
         connections[user].discard(ws)
