@@ -1,4 +1,4 @@
-"""The ``trio-gw`` process itself (trio_gw/_cli.py), started as a real subprocess."""
+"""The ``trio-gw`` process itself (trio_gw/gateway/_cli.py), started as a real subprocess."""
 
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ def test_check_config_names_the_bad_field(tmp_path: Path) -> None:
 
 
 def test_flags_beat_env_beat_file(tmp_path: Path) -> None:
-    from trio_gw._cli import _parser, load_config
+    from trio_gw.gateway._cli import _parser, load_config
 
     config = tmp_path / "hub.toml"
     config.write_text("[hub]\nport = 9001\nmax_connections = 7\nclose_timeout = 2.5\n")

@@ -1,4 +1,4 @@
-"""The open-file limit check of ``trio-gw serve`` (trio_gw/_fdlimit.py), as pure decisions.
+"""The open-file limit check of ``trio-gw serve`` (trio_gw/gateway/_fdlimit.py), as pure decisions.
 
 ``raise_open_file_limit`` itself changes the process's limit, so it is tested
 on the real ``trio-gw serve`` process, in tests/test_cli.py.
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from trio_gw._fdlimit import PROCESS_FDS, open_file_limit_warning, open_files_needed
-from trio_gw._gateway_config import GatewayConfig
+from trio_gw.gateway._config import GatewayConfig
+from trio_gw.gateway._fdlimit import PROCESS_FDS, open_file_limit_warning, open_files_needed
 
 
 def config(**sections: dict[str, Any]) -> GatewayConfig:

@@ -16,7 +16,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from trio_gw._admin import API_ROUTES
+from trio_gw.gateway._admin import API_ROUTES
 
 from ._gateway_support import API_KEY, HS_SECRET, gateway_process, token, write_config
 from .conftest import TIMEOUT, client, receive_json

@@ -14,7 +14,7 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from trio_gw import ConfigError, GatewayConfig
-from trio_gw._jwt import JwtVerifier
+from trio_gw.gateway._jwt import JwtVerifier
 
 from ._gateway_support import (
     API_KEY,

@@ -1,4 +1,4 @@
-"""Signing keys from a JWKS URL (``auth.jwks_url``, in ``trio_gw/_jwt.py``).
+"""Signing keys from a JWKS URL (``auth.jwks_url``, in ``trio_gw/gateway/_jwt.py``).
 
 The real ``trio-gw serve`` process checks tokens against a real JWKS server on
 127.0.0.1 (Starlette on hypercorn, in the test's nursery) that rotates its keys,
@@ -35,7 +35,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from trio_gw import ConfigError, GatewayConfig
-from trio_gw._jwt import _parse_jwks
+from trio_gw.gateway._jwt import _parse_jwks
 
 from ._gateway_support import API_KEY, TRIO_GW, GatewayProcess, gateway_process, token, write_config
 from .conftest import TIMEOUT, client

@@ -10,9 +10,9 @@ import pytest
 import trio
 import trio.testing
 
-from trio_gw._history import History, serve_history
-from trio_gw._metrics import GatewayMetrics
 from trio_gw._statistics import Counters, HubStatistics
+from trio_gw.gateway._history import History, serve_history
+from trio_gw.gateway._metrics import GatewayMetrics
 
 
 def stats(connections: int = 0, **counters: int) -> HubStatistics:

@@ -1,4 +1,7 @@
-"""Log lines of ``trio-gw serve`` (trio_gw/_logging.py): one record, one line, whatever is sent."""
+"""Log lines of ``trio-gw serve`` (trio_gw/gateway/_logging.py).
+
+One record, one line, whatever is sent.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import sys
 import orjson
 import trio
 
-from trio_gw._logging import JsonFormatter, TextFormatter
+from trio_gw.gateway._logging import JsonFormatter, TextFormatter
 
 from ._gateway_support import gateway_process
 from .conftest import TIMEOUT, client

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import trio_gw
 
 EXPECTED = {
@@ -75,16 +77,48 @@ def test_close_codes_table() -> None:
     }
 
 
-def test_embedding_the_hub_does_not_import_the_http_stack() -> None:
+GATEWAY_EXPECTED = {
+    "AdminConfig",
+    "AuthConfig",
+    "BackendConfig",
+    "Gateway",
+    "GatewayConfig",
+    "LogConfig",
+    "TlsConfig",
+    "main",
+    "serve_gateway",
+}
+
+
+def test_gateway_public_names() -> None:
+    """trio_gw.gateway re-exports the standalone gateway; trio_gw re-exports the same objects."""
+    import trio_gw.gateway
+
+    assert set(trio_gw.gateway.__all__) == GATEWAY_EXPECTED
+    for name in GATEWAY_EXPECTED - {"main"}:
+        assert getattr(trio_gw, name) is getattr(trio_gw.gateway, name)
+    assert callable(trio_gw.gateway.main)
+
+
+@pytest.mark.parametrize(
+    ("imports", "first_use"),
+    [
+        ("import trio_gw", "trio_gw.serve_gateway"),
+        ("from trio_gw import GatewayConfig, HubConfig", "trio_gw.Gateway"),
+        ("import trio_gw.gateway", "trio_gw.gateway.serve_gateway"),
+        ("from trio_gw.gateway import GatewayConfig", "trio_gw.gateway.main"),
+    ],
+)
+def test_embedding_the_hub_does_not_import_the_http_stack(imports: str, first_use: str) -> None:
     """The gateway's HTTP stack is imported on first use only (it costs every full GC)."""
     import subprocess
     import sys
 
     heavy = ["starlette", "hypercorn", "httpx", "jwt", "prometheus_client"]
     probe = (
-        "import sys, trio_gw; "
+        f"import sys; {imports}; import trio_gw; "
         f"print([m for m in {heavy!r} if m in sys.modules]); "
-        "trio_gw.serve_gateway; "
+        f"{first_use}; "
         f"print([m for m in {heavy!r} if m in sys.modules])"
     )
     result = subprocess.run(

@@ -87,7 +87,7 @@ def test_production_quickstart_runs_as_written() -> None:
 
 
 def test_admin_api_table_matches_the_routes() -> None:
-    from trio_gw._admin import API_ROUTES
+    from trio_gw.gateway._admin import API_ROUTES
 
     rows = set(re.findall(r"^\| `(GET|POST) (/api/\S+)` \|", README, re.M))
     assert rows == set(API_ROUTES)

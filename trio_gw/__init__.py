@@ -20,12 +20,6 @@ from ._errors import ConfigError as ConfigError
 from ._errors import GatewayError as GatewayError
 from ._errors import HubClosedError as HubClosedError
 from ._errors import HubOverloadedError as HubOverloadedError
-from ._gateway_config import AdminConfig as AdminConfig
-from ._gateway_config import AuthConfig as AuthConfig
-from ._gateway_config import BackendConfig as BackendConfig
-from ._gateway_config import GatewayConfig as GatewayConfig
-from ._gateway_config import LogConfig as LogConfig
-from ._gateway_config import TlsConfig as TlsConfig
 from ._hub import HandlerManager as HandlerManager
 from ._hub import MessageCallback as MessageCallback
 from ._hub import Reply as Reply
@@ -33,13 +27,20 @@ from ._hub import open_hub as open_hub
 from ._hub import serve_hub as serve_hub
 from ._session import Session as Session
 from ._statistics import HubStatistics as HubStatistics
+from .gateway import AdminConfig as AdminConfig
+from .gateway import AuthConfig as AuthConfig
+from .gateway import BackendConfig as BackendConfig
+from .gateway import GatewayConfig as GatewayConfig
+from .gateway import LogConfig as LogConfig
+from .gateway import TlsConfig as TlsConfig
 
 if TYPE_CHECKING:
-    from ._gateway import Gateway as Gateway
-    from ._gateway import serve_gateway as serve_gateway
+    from .gateway import Gateway as Gateway
+    from .gateway import serve_gateway as serve_gateway
 
-# The standalone gateway pulls in an HTTP stack (hypercorn, Starlette, httpx,
-# pyjwt, prometheus-client). It is imported on first use, so that a program
+# The standalone gateway (trio_gw.gateway) pulls in an HTTP stack (hypercorn,
+# Starlette, httpx, pyjwt, prometheus-client). Its configuration classes are
+# light and imported above; the rest is imported on first use, so that a program
 # that only embeds the hub neither waits for it nor carries its objects, which
 # every full garbage collection would otherwise traverse.
 _GATEWAY_NAMES = frozenset({"Gateway", "serve_gateway"})
@@ -47,9 +48,9 @@ _GATEWAY_NAMES = frozenset({"Gateway", "serve_gateway"})
 
 def __getattr__(name: str) -> Any:
     if name in _GATEWAY_NAMES:
-        from . import _gateway
+        from . import gateway
 
-        value = getattr(_gateway, name)
+        value = getattr(gateway, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """Entry point: ``python -m trio_gw`` and the ``trio-gw`` script."""
 
-from ._cli import main
+from .gateway._cli import main
 
 __all__ = ["main"]
 

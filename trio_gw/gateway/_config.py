@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from ._config import (
+from .._config import (
     _ENV_PREFIX,
     HubConfig,
     _check,
@@ -29,8 +29,8 @@ from ._config import (
     _positive_number,
     _structure,
 )
-from ._errors import ConfigError
-from ._hub import is_loopback
+from .._errors import ConfigError
+from .._hub import is_loopback
 
 __all__ = [
     "AdminConfig",

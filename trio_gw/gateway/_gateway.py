@@ -11,19 +11,13 @@ import attrs
 import httpx
 import trio
 
-from ._admin import serve_admin
-from ._auth import Authorizer
-from ._close_codes import CloseCode
-from ._devmode import dev_authorizer
-from ._errors import AuthRefused, ConfigError
-from ._forwarding import BackendForwarder, request_error
-from ._gateway_config import GatewayConfig
-from ._history import History, serve_history
-from ._hub import HandlerManager, Reply, open_hub, serve_hub
-from ._jwt import JwtVerifier, jwt_authorizer
-from ._metrics import GatewayMetrics
-from ._session import Session
-from ._wire import (
+from .._auth import Authorizer
+from .._close_codes import CloseCode
+from .._devmode import dev_authorizer
+from .._errors import AuthRefused, ConfigError
+from .._hub import HandlerManager, Reply, open_hub, serve_hub
+from .._session import Session
+from .._wire import (
     RequestPayload,
     Response,
     ResponsePayload,
@@ -32,6 +26,12 @@ from ._wire import (
     parse_request,
     unstructure,
 )
+from ._admin import serve_admin
+from ._config import GatewayConfig
+from ._forwarding import BackendForwarder, request_error
+from ._history import History, serve_history
+from ._jwt import JwtVerifier, jwt_authorizer
+from ._metrics import GatewayMetrics
 
 __all__ = ["Gateway", "check_gateway_config", "serve_gateway"]
 

@@ -22,9 +22,9 @@ import jwt
 import orjson
 import trio
 
-from ._auth import Authorizer, Handshake, Identity, extract_token
-from ._errors import AuthRefused, ConfigError
-from ._gateway_config import AuthConfig
+from .._auth import Authorizer, Handshake, Identity, extract_token
+from .._errors import AuthRefused, ConfigError
+from ._config import AuthConfig
 
 __all__ = ["JwksStatistics", "JwtVerifier", "jwt_authorizer"]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 
-from ._gateway_config import GatewayConfig
+from ._config import GatewayConfig
 
 __all__ = ["open_file_limit_warning", "open_files_needed", "raise_open_file_limit"]
 

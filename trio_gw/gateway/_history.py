@@ -22,7 +22,7 @@ from typing import NoReturn
 import attrs
 import trio
 
-from ._statistics import HubStatistics
+from .._statistics import HubStatistics
 
 __all__ = ["DEFAULT_INTERVAL", "DEFAULT_SPAN", "History", "Sample", "serve_history"]
 

@@ -47,14 +47,14 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._close_codes import CloseCode
-from ._config import _field_first, _format_exception, _leaves
-from ._errors import HubClosedError, HubOverloadedError
-from ._hub import is_loopback, listen_urls
+from .._close_codes import CloseCode
+from .._config import _field_first, _format_exception, _leaves
+from .._errors import HubClosedError, HubOverloadedError
+from .._hub import is_loopback, listen_urls
+from .._session import Session
+from .._statistics import statistics_document
 from ._metrics import CONTENT_TYPE
 from ._openapi import openapi_document
-from ._session import Session
-from ._statistics import statistics_document
 
 if TYPE_CHECKING:
     from ._gateway import Gateway
@@ -517,7 +517,7 @@ def admin_app(gateway: Gateway) -> Starlette:
     async def openapi(_request: Request) -> Response:
         return Response(document, media_type="application/json")
 
-    dashboard = resources.files("trio_gw").joinpath("_dashboard.html").read_text("utf-8")
+    dashboard = resources.files("trio_gw.gateway").joinpath("_dashboard.html").read_text("utf-8")
     dashboard_headers = {"content-security-policy": _dashboard_csp(dashboard)}
 
     async def index(_request: Request) -> Response:

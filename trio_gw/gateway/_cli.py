@@ -13,10 +13,10 @@ from typing import Any
 
 import trio
 
-from ._errors import ConfigError
+from .._errors import ConfigError
+from ._config import GatewayConfig
 from ._fdlimit import raise_open_file_limit
 from ._gateway import Gateway, check_gateway_config, serve_gateway
-from ._gateway_config import GatewayConfig
 from ._logging import configure_logging
 
 __all__ = ["main"]

@@ -17,10 +17,10 @@ import httpx
 import orjson
 import trio
 
-from ._gateway_config import BackendConfig
+from .._session import Session
+from .._wire import RequestPayload, ResponsePayload
+from ._config import BackendConfig
 from ._metrics import GatewayMetrics
-from ._session import Session
-from ._wire import RequestPayload, ResponsePayload
 
 __all__ = ["BackendForwarder", "request_error"]
 

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ._statistics import STATISTICS, HubStatistics
+from .._statistics import STATISTICS, HubStatistics
 
 if TYPE_CHECKING:
     from ._jwt import JwksStatistics

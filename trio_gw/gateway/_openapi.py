@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._statistics import STATISTICS
+from .._statistics import STATISTICS
 
 __all__ = ["openapi_document"]
 
