@@ -106,7 +106,18 @@ def main(argv: list[str] | None = None) -> int:
         "--full", action="store_true", help="every scenario at full size, 3 repetitions"
     )
     parser.add_argument("--repeat", type=int, help="repetitions (default 1 quick, 3 full)")
-    parser.add_argument("--servers", nargs="+", choices=list(h.SERVERS), default=list(h.SERVERS))
+    parser.add_argument(
+        "--servers",
+        nargs="+",
+        choices=[*h.SERVERS, h.BASELINE],
+        default=list(h.SERVERS),
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a checkout of an earlier trio_gw (with this benchmarks/ copied in), "
+        "measured as 'trio_gw baseline' in the same run",
+    )
     parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS))
     parser.add_argument(
         "--tiny", action="store_true", help="a smoke run on a tiny load (for tests)"
@@ -117,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         "--from-jsonl", type=Path, help="render (and with --write-results, write) a past run"
     )
     args = parser.parse_args(argv)
+    if args.baseline is not None:
+        h.SERVERS[h.BASELINE] = h.SERVERS["trio_gw"]
+        h.SERVER_CWD[h.BASELINE] = args.baseline.resolve()
+        if h.BASELINE not in args.servers:
+            args.servers.insert(1, h.BASELINE)
     if args.from_jsonl:
         past = [orjson.loads(line) for line in args.from_jsonl.read_text().splitlines()]
         table = render(past)

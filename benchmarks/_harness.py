@@ -25,6 +25,10 @@ SERVERS: dict[str, list[str]] = {
     "websockets": ["-m", "benchmarks.server_websockets", "0"],
     "trio-websocket naive": ["-m", "benchmarks.server_naive", "0"],
 }
+#: ``--baseline DIR``: a checkout of an earlier trio_gw, run as "trio_gw baseline"
+#: from that directory (its own trio_gw and benchmarks/ come first on sys.path).
+BASELINE = "trio_gw baseline"
+SERVER_CWD: dict[str, Path] = {}
 
 
 def _pin(pid: int, core: int) -> None:
@@ -51,6 +55,7 @@ class Server:
         self.log = (log_dir / f"{name.replace(' ', '_')}.log").open("ab")
         self.process = subprocess.Popen(
             [sys.executable, *SERVERS[name]],
+            cwd=SERVER_CWD.get(name),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.log,

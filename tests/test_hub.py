@@ -16,7 +16,7 @@ import trio.lowlevel
 from trio_websocket import ConnectionClosed
 
 from trio_gw import CloseCode, HubClosedError, HubOverloadedError, Reply, Session
-from trio_gw._transport import FastWriter, PortableWriter
+from trio_gw._transport import FastWriter, PortableWriter, inbound_backlog
 
 from .conftest import TIMEOUT, client, receive_json, running_hub, wait_for
 
@@ -231,7 +231,12 @@ async def test_sequential_by_default_concurrent_when_configured(writer: str) -> 
             if message == "first":
                 # The hub has read "second" as well: a sequential hub holds it
                 # back until this returns, a concurrent one runs it meanwhile.
-                await wait_for(lambda: handler._hub.statistics().messages_in == 2)
+                # (Received: taken by the dispatcher, or waiting in the session's queue.)
+                await wait_for(
+                    lambda: (
+                        handler._hub.statistics().messages_in + inbound_backlog(handler._ws) == 2
+                    )
+                )
                 if concurrent:
                     await release.wait()
             else:

@@ -236,7 +236,7 @@ async def test_churn_leaves_no_registry_entry() -> None:
                 await wait_for(lambda: hub.statistics().sessions_closed == sessions)
                 await wait_for(lambda: hub._live_connections == 0)
             stuck = [
-                (s, s._close, s._ws.closed, s._dispatcher_done.done, s._writer_done.done)
+                (s, s._close, s._ws.closed, s._work_pending, s._writer_done.done)
                 for s in map(hub.get_handler, hub.session_ids()[:5])
             ]
             assert hub._live_connections == 0, (sessions, hub.statistics(), stuck)

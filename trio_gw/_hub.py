@@ -83,9 +83,6 @@ _MESSAGES_PER_YIELD = 32
 _MIN_OFFERS_PER_YIELD = 4096
 # The heartbeat pings one of this many groups of sessions per tick.
 _HEARTBEAT_BUCKETS = 10
-# trio-websocket's inbound message queue per connection; the session's reader
-# drains it at once into the hub's own bounded inbound channel.
-_WS_MESSAGE_QUEUE_SIZE = 4
 # accept() errors that mean "no descriptors or memory now", not a broken
 # listener: trio's serve_listeners treats the same set this way.
 _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -294,7 +291,9 @@ class HandlerManager:
     def statistics(self) -> HubStatistics:
         """A frozen snapshot of this node's counters and gauges."""
         return self._counters.snapshot(
-            connections=self._registry.session_count, users=self._registry.user_count
+            connections=self._registry.session_count,
+            users=self._registry.user_count,
+            queued_bytes=self._router.budget.queued,
         )
 
     # --- messages in (nuropb_gw API) ----------------------------------------
@@ -510,8 +509,11 @@ class HandlerManager:
         """
         router = self._router
         if router.over_budget():
+            self._counters.sender_waits += 1
             await self._wait_for_budget()
         sessions = router.pressured_for(target)
+        if sessions:
+            self._counters.sender_waits += 1
         while sessions:
             self._run_command(Recheck(sessions))
             sessions = [s for s in sessions if s.pressured]
@@ -857,7 +859,8 @@ class HandlerManager:
                     connection = await open_server_connection(
                         nursery,
                         stream,
-                        message_queue_size=_WS_MESSAGE_QUEUE_SIZE,
+                        # The session's inbound queue: its dispatcher reads it directly.
+                        message_queue_size=config.inbound_queue_size,
                         max_message_size=config.max_message_size,
                     )
                 if not isinstance(connection, ServerConnection):
@@ -877,6 +880,10 @@ class HandlerManager:
                             hub=self,
                             config=config,
                         )
+                        if connection.protocol is not None:
+                            connection.protocol.on_reader_end = session._connection_ended
+                        if ws.closed is not None:
+                            session._connection_ended()
                         try:
                             await session._run()
                         except* Exception as failure:

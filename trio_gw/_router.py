@@ -436,10 +436,12 @@ class Router(Generic[H]):
             effects.append(Publish(BackplaneDeliver(target, frame)))
         return effects
 
-    def _stuck_or_lagging(self, session: H, now: float) -> str | None:
+    def _stuck_or_lagging(self, session: H, now: float, *, lag: bool = True) -> str | None:
         limits = self.limits
         if now - session.last_progress >= limits.stall_timeout:
-            return f"it wrote nothing for {limits.stall_timeout}s with its queue over half full"
+            return f"it wrote nothing for {limits.stall_timeout}s with messages queued"
+        if not lag:
+            return None
         oldest = session.oldest_queued_at()
         if oldest is not None and now - oldest >= limits.max_lag:
             return f"its oldest queued message waited more than max_lag ({limits.max_lag}s)"
@@ -463,7 +465,9 @@ class Router(Generic[H]):
         for session in candidates:
             if self.registry.get(session.session_id) is not session:
                 continue
-            why = self._stuck_or_lagging(session, now)
+            # Over the budget, a session that still drains is left alone
+            # unless it is pressured: only those hold a sender back.
+            why = self._stuck_or_lagging(session, now, lag=session.pressured)
             if why is not None:
                 effects += self._close_slow(session, why)
         return effects

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import suppress
@@ -19,7 +20,7 @@ from ._errors import HubClosedError
 from ._frames import Frame
 from ._lifecycle import Lifecycle, Transition, advance
 from ._router import QueueBudget
-from ._transport import CloseWrite, FrameWriter, abort, make_writer
+from ._transport import CloseWrite, FrameWriter, abort, inbound_backlog, make_writer
 
 if TYPE_CHECKING:
     from ._hub import HandlerManager
@@ -106,8 +107,6 @@ class Session:
     _writer: FrameWriter
     _out_send: trio.MemorySendChannel[Frame]
     _out_recv: trio.MemoryReceiveChannel[Frame]
-    _in_send: trio.MemorySendChannel[str | bytes]
-    _in_recv: trio.MemoryReceiveChannel[str | bytes]
     _budget: QueueBudget
     #: Where the session is in its life (see ``trio_gw._lifecycle``).
     state: Lifecycle = Lifecycle.CONNECTING
@@ -124,9 +123,17 @@ class Session:
     _close: _CloseRequest | None = None
     _nursery: trio.Nursery | None = None
     _writer_done: _Finished = attrs.Factory(_Finished)
-    _dispatcher_done: _Finished | None = None  # None until the first message arrives
     _close_done: _Finished = attrs.Factory(_Finished)
-    _reader_blocked: bool = False
+    # The dispatcher (the read loop) is in a callback, or waits for a free slot
+    # (max_inflight_per_session): it takes no message meanwhile.
+    _dispatching: bool = False
+    # Client messages received before the hub began closing the session and not
+    # yet handed to the callback; they still are.
+    _backlog: int = 0
+    _work_idle: trio.Event | None = None  # made only while someone waits for the work
+    # Cancels the dispatcher a close_timeout after the connection ended.
+    _dispatch_scope: trio.CancelScope | None = None
+    _connection_gone: bool = False
     _writing: bool = False  # the writer holds a batch it has not finished writing
     _ping_in_flight: bool = False
     _started_at: float = attrs.Factory(trio.current_time)
@@ -153,7 +160,6 @@ class Session:
         config: HubConfig,
     ) -> Session:
         out_send, out_recv = trio.open_memory_channel[Frame](config.outbound_queue_size)
-        in_send, in_recv = trio.open_memory_channel[str | bytes](config.inbound_queue_size)
         return cls(
             session_id,
             identity,
@@ -165,8 +171,6 @@ class Session:
             make_writer(ws, fast=config.writer == "fast"),
             out_send,
             out_recv,
-            in_send,
-            in_recv,
             hub._router.budget,
         )
 
@@ -250,18 +254,40 @@ class Session:
             )
         finally:
             self._tasks -= 1
-            if self._tasks == 0 and self._tasks_idle is not None:
-                self._tasks_idle.set()
-                self._tasks_idle = None
+            self._note_work_done()
+
+    @property
+    def _work_pending(self) -> bool:
+        return self._dispatching or self._backlog > 0 or self._tasks > 0
+
+    def _note_work_done(self) -> None:
+        if self._work_idle is not None and not self._work_pending:
+            self._work_idle.set()
+            self._work_idle = None
 
     async def _wait_for_work(self) -> None:
-        """Wait until the dispatcher and every ``start_soon`` task are done."""
-        if self._dispatcher_done is not None:
-            await self._dispatcher_done.wait()
-        while self._tasks:
-            if self._tasks_idle is None:
-                self._tasks_idle = trio.Event()
-            await self._tasks_idle.wait()
+        """Wait until the messages received so far are handled, and every ``start_soon`` task."""
+        while self._work_pending:
+            if self._work_idle is None:
+                self._work_idle = trio.Event()
+            await self._work_idle.wait()
+
+    @property
+    def _reader_blocked(self) -> bool:
+        # The dispatcher takes no message now, so trio-websocket's queue may be
+        # full and its reader stopped: a pong may not be read in time.
+        return self._dispatching
+
+    def _connection_ended(self) -> None:
+        """trio-websocket's reader has ended: the client closed, left or broke the protocol.
+
+        Messages it sent before are still handed to the callback, but not for
+        longer than a close may take.
+        """
+        self._connection_gone = True
+        scope = self._dispatch_scope
+        if scope is not None and scope.deadline == math.inf:
+            scope.deadline = trio.current_time() + self._config.close_timeout
 
     @property
     def _ended(self) -> bool:
@@ -351,7 +377,7 @@ class Session:
         self._close = _CloseRequest(code, reason, drain)
         # The session takes no new client messages; those already received are
         # still handed to the callback.
-        self._in_send.close()
+        self._backlog = inbound_backlog(self._ws)
         if not drain:
             self._out_send.close()
             self._hub._counters.drops += self._discard_queued()
@@ -406,67 +432,58 @@ class Session:
             nursery.cancel_scope.cancel()
 
     async def _read_loop(self) -> None:
-        # Reading goes on until the connection ends, even once the session is
-        # closing: trio-websocket's reader answers pings and the close handshake
-        # only while someone takes its messages.
-        ws, inbound, counters = self._ws, self._in_send, self._hub._counters
-        try:
-            while True:
-                message = await ws.get_message()
-                if self._close is not None:
+        """Read the client's messages and hand each to the callback: the dispatcher.
+
+        trio-websocket's reader task queues up to ``inbound_queue_size``
+        messages meanwhile, and answers pings and close frames; when its queue
+        is full it stops reading, so TCP pushes back on the client. Reading
+        goes on until the connection ends, even once the session is closing,
+        so that trio-websocket finishes the close handshake.
+        """
+        ws, hub, counters = self._ws, self._hub, self._hub._counters
+        limit = self._config.max_inflight_per_session
+        slots = trio.Semaphore(limit) if limit > 1 else None
+        with trio.CancelScope() as scope:
+            self._dispatch_scope = scope
+            if self._connection_gone:
+                self._connection_ended()
+            try:
+                while True:
+                    message = await ws.get_message()
                     counters.messages_in += 1
-                    counters.drops += 1  # arrived after the hub began closing the session
-                    continue
-                if self._dispatcher_done is None:
-                    # Started on the first message: many connections only
-                    # listen, and an idle task per connection costs memory.
-                    self._dispatcher_done = _Finished()
-                    assert self._nursery is not None
-                    self._nursery.start_soon(self._dispatch_loop, self._dispatcher_done)
-                counters.messages_in += 1
-                counters.bytes_in += (
-                    len(message.encode()) if isinstance(message, str) else len(message)
-                )
-                try:
-                    inbound.send_nowait(message)
-                except trio.WouldBlock:
-                    # The backend is behind: stop reading, so TCP pushes back on
-                    # the client. The heartbeat knows the client is alive meanwhile.
-                    self._reader_blocked = True
+                    if self._close is not None:
+                        if self._backlog <= 0:
+                            counters.drops += 1  # arrived after the hub began closing it
+                            continue
+                        self._backlog -= 1
+                    counters.bytes_in += (
+                        len(message.encode()) if isinstance(message, str) else len(message)
+                    )
+                    self._dispatching = True
                     try:
-                        await inbound.send(message)
-                    except trio.ClosedResourceError:
-                        counters.drops += 1  # the session began closing meanwhile
+                        if slots is None:
+                            await hub.on_handler_message(self, message)
+                        else:
+                            await slots.acquire()
+                            assert self._nursery is not None
+                            self._nursery.start_soon(self._dispatch_one, message, slots)
+                            self._tasks += 1
                     finally:
-                        self._reader_blocked = False
-                except trio.ClosedResourceError:
-                    counters.drops += 1
-        except ConnectionClosed:
-            pass
-        finally:
-            inbound.close()
+                        self._dispatching = False
+                        self._note_work_done()
+            except ConnectionClosed:
+                pass
+            finally:
+                self._backlog = 0
+                self._note_work_done()
 
-    async def _dispatch_loop(self, done: _Finished) -> None:
-        hub, limit = self._hub, self._config.max_inflight_per_session
+    async def _dispatch_one(self, message: str | bytes, slots: trio.Semaphore) -> None:
         try:
-            if limit == 1:
-                async for message in self._in_recv:
-                    await hub.on_handler_message(self, message)
-                return
-            slots = trio.Semaphore(limit)
-
-            async def process(message: str | bytes) -> None:
-                try:
-                    await hub.on_handler_message(self, message)
-                finally:
-                    slots.release()
-
-            async with trio.open_nursery() as nursery:
-                async for message in self._in_recv:
-                    await slots.acquire()
-                    nursery.start_soon(process, message)
+            await self._hub.on_handler_message(self, message)
         finally:
-            done.set()
+            slots.release()
+            self._tasks -= 1
+            self._note_work_done()
 
     async def _write_loop(self) -> None:
         recv, writer, hub = self._out_recv, self._writer, self._hub
@@ -592,7 +609,6 @@ class Session:
         if self._close is None:
             advance(self, Transition.CLOSE)
             self._close = _CloseRequest(CloseCode.SERVER_ERROR, "server error", drain=False)
-            self._in_send.close()
             self._out_send.close()
         return self._close
 

@@ -68,7 +68,13 @@ class HubStatistics:
         bytes_out: Bytes (frames included) written to client sockets.
         drops: Messages not delivered: to an unknown or closing session, or
             left in the queue of a connection closed as a slow consumer.
-        slow_consumer_closes: Connections closed because their outbound queue overflowed.
+        queued_bytes: Bytes queued for all sessions now (gauge); flow control keeps
+            it near ``queued_bytes_budget``.
+        slow_consumer_closes: Connections closed as slow consumers (4008): a
+            message did not fit in the queue, or a session whose queue was over
+            half full took no write for ``stall_timeout`` or lagged ``max_lag``.
+        sender_waits: Sends that waited for flow control: for a session over
+            half full to drain, or for the queues to drain below the budget.
         rejected_handshakes: Handshakes refused before the upgrade, by reason.
         closes_by_code: Ended connections, by the close code the connection ended with.
         callback_errors: Backend callbacks (and tasks run on a session's behalf) that raised.
@@ -93,9 +99,11 @@ class HubStatistics:
     messages_out: int = _counter("Messages written to client sockets.")
     bytes_out: int = _counter("Bytes written to client sockets, framing included.")
     drops: int = _counter("Messages never delivered or written, whatever the reason.")
+    queued_bytes: int = _gauge("Bytes queued for all sessions now.")
     slow_consumer_closes: int = _counter(
-        "Connections closed because their outbound queue overflowed."
+        "Connections closed as slow consumers (queue full, stalled or lagging)."
     )
+    sender_waits: int = _counter("Sends that waited for a slow session or the queue budget.")
     rejected_handshakes: Mapping[str, int] = _by_label(
         "rejected_handshakes", "reason", "Handshakes refused before the upgrade."
     )
@@ -132,6 +140,7 @@ class Counters:
     bytes_out: int = 0
     drops: int = 0
     slow_consumer_closes: int = 0
+    sender_waits: int = 0
     rejected_handshakes: Counter[str] = attrs.field(factory=Counter)
     closes_by_code: Counter[int] = attrs.field(factory=Counter)
     callback_errors: int = 0
@@ -140,13 +149,15 @@ class Counters:
     handshakes_aborted: int = 0
     accept_errors: int = 0
 
-    def snapshot(self, *, connections: int, users: int) -> HubStatistics:
-        """Freeze the counters, with the registry's gauges."""
+    def snapshot(self, *, connections: int, users: int, queued_bytes: int = 0) -> HubStatistics:
+        """Freeze the counters, with the registry's and the queues' gauges."""
         values: dict[str, Any] = {}
         for field in _COUNTER_FIELDS:
             value = getattr(self, field)
             values[field] = MappingProxyType(dict(value)) if isinstance(value, Counter) else value
-        return HubStatistics(connections=connections, users=users, **values)
+        return HubStatistics(
+            connections=connections, users=users, queued_bytes=queued_bytes, **values
+        )
 
 
 #: Every statistic, in declaration order.
@@ -160,7 +171,7 @@ STATISTICS: tuple[Statistic, ...] = tuple(
     )
     for field in attrs.fields(HubStatistics)
 )
-# What Counters keeps: everything but the registry's own gauges.
+# What Counters keeps: everything but the registry's and the queues' gauges.
 _COUNTER_FIELDS = tuple(field.name for field in attrs.fields(Counters))
 
 

@@ -51,7 +51,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Protocol
 
 import trio
@@ -124,6 +124,8 @@ class ServerProtocol(WSConnection):
         # While a frame written inline is half out, what trio-websocket frames
         # (pongs, its close frame) is held here, and written after that frame.
         self._held: bytearray | None = None
+        #: Called once trio-websocket's reader task has ended.
+        self.on_reader_end: Callable[[], None] | None = None
 
     def hold_control_frames(self) -> None:
         """Hold what ``send`` frames from now on, until ``release_held``."""
@@ -293,6 +295,8 @@ async def open_server_connection(
             # A peer that leaves before its request is read must not hold a
             # file descriptor until the handshake timeout.
             waiting.cancel()
+            if protocol.on_reader_end is not None:
+                protocol.on_reader_end()
 
     nursery.start_soon(read)
     with waiting:
@@ -598,6 +602,14 @@ def _write_nowait(sock: trio.socket.SocketType, data: bytes | memoryview) -> int
         return 0
     except OSError:
         return -1
+
+
+def inbound_backlog(ws: WebSocketConnection) -> int:
+    """Client messages trio-websocket has received that nobody has taken yet."""
+    channel = getattr(ws, "_recv_channel", None)
+    if isinstance(channel, trio.MemoryReceiveChannel):
+        return channel.statistics().current_buffer_used
+    return 0
 
 
 def fast_writer_supported(ws: WebSocketConnection) -> bool:
