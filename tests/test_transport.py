@@ -13,7 +13,7 @@ import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import AcceptConnection, CloseConnection, Ping, Request
+from wsproto.events import AcceptConnection, CloseConnection, Ping, Pong, Request
 from wsproto.utilities import LocalProtocolError
 
 from trio_gw._frames import encode_frame
@@ -22,6 +22,7 @@ from trio_gw._transport import (
     FastWriter,
     ServerProtocol,
     fast_writer_supported,
+    inbound_backlog,
     make_writer,
     server_internals_supported,
 )
@@ -40,6 +41,8 @@ async def test_internals_are_present_on_a_live_connection() -> None:
             assert session is not None
             assert fast_writer_supported(session._ws)
             assert isinstance(session._writer, FastWriter)
+            assert isinstance(session._ws._recv_channel, trio.MemoryReceiveChannel)
+            assert inbound_backlog(session._ws) == 0
 
 
 async def test_falls_back_when_internals_are_missing() -> None:
@@ -139,3 +142,20 @@ def test_the_http_version_of_the_upgrade_is_read() -> None:
             server.receive_data((line + head)[byte : byte + 1])
         assert isinstance(next(server.events()), Request)
         assert server.http_version == version
+
+
+def test_control_frames_are_held_while_a_frame_is_half_written() -> None:
+    """While an inline write is half out, a pong trio-websocket frames must not be written
+    into the middle of it: ``send`` holds it, and it is released to follow the frame.
+    """
+    protocol = ServerProtocol()
+    client_side = open_server(protocol)
+    protocol.hold_control_frames()
+    assert protocol.send(Pong(b"p")) == b""
+    assert protocol.send(CloseConnection(1000)) == b""
+    held = protocol.release_held()
+    client_side.receive_data(encode_frame("half").wire + held)
+    events = list(client_side.events())
+    assert [type(e).__name__ for e in events] == ["TextMessage", "Pong", "CloseConnection"]
+    assert protocol.release_held() == b""  # nothing is held any more
+    assert protocol.state is ConnectionState.LOCAL_CLOSING  # the held close frame counted

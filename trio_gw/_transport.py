@@ -40,7 +40,9 @@ pinned trio-websocket version):
 * ``WebSocketConnection._stream_lock``: the ``trio.StrictFIFOLock`` serialising writes;
 * ``WebSocketConnection._wsproto``: the ``wsproto.WSConnection`` with its ``state``;
 * ``WebSocketConnection._reader_task`` and ``_get_request``: what the public
-  ``wrap_server_stream`` calls.
+  ``wrap_server_stream`` calls;
+* ``WebSocketConnection._recv_channel``: its inbound message queue, whose
+  backlog says which client messages arrived before a close (``inbound_backlog``).
 
 If any of them is missing the hub falls back to the public API
 (``PortableWriter``, ``wrap_server_stream``) and logs a warning once.
