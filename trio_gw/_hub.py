@@ -115,12 +115,14 @@ class HandlerManager:
     """Registers connection handlers (sessions) and routes messages to and from them.
 
     This is nuropb_gw's ``HandlerManager`` with the same names and meaning, run
-    as a Trio actor: one task owns the registry (session id -> session, user id
-    -> session ids) and carries out the register, unregister, send and close
-    commands that arrive on its channel. It never waits for a connection: each
-    session has a bounded outbound queue, fed with ``send_nowait``, and a
-    session whose queue overflows is closed as a slow consumer (4008) while the
-    others carry on.
+    as a Trio actor around a synchronous decision core (``_router``): the actor
+    receives the register, unregister, send and close commands on its channel
+    and carries out what the core decides. It never waits for a connection:
+    each session has a bounded outbound queue, fed without waiting. A send that
+    reaches a session more than half full waits (``await``) until it drains,
+    so producers go at their readers' pace; a session that stops taking
+    writes for ``stall_timeout``, lags ``max_lag`` behind, or overflows its
+    queue is closed as a slow consumer (4008) while the others carry on.
 
     Construct it, then run it with ``open_hub`` (or pass the arguments to
     ``open_hub`` directly) and accept WebSocket clients with ``serve_hub``.
@@ -391,6 +393,9 @@ class HandlerManager:
 
     async def send_message_to_all(self, message: Any) -> None:
         """Send a message to every session; encoded once.
+
+        Returns once the message is queued for everyone; first waiting, if a
+        session's queue is over half full, until it drains (flow control).
 
         Raises:
             TypeError: ``message`` cannot be JSON-encoded.

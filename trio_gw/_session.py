@@ -81,15 +81,18 @@ class Session:
     """One authorized WebSocket connection (nuropb_gw calls it a handler).
 
     The hub creates a session for each connection it accepts and registers it.
-    A session runs four tasks in its own nursery:
+    A session runs in its own nursery, beside trio-websocket's reader task
+    (which answers pings and close frames and queues the client's messages):
 
-    * the reader drains trio-websocket's ``get_message()`` into the bounded
-      inbound channel, so pings and close frames are always handled;
-    * the dispatcher hands inbound messages to ``on_handler_message``, one at a
-      time by default (``max_inflight_per_session``);
-    * the writer is the only task that writes messages to the socket; it takes
-      everything queued on the outbound channel and writes it in one go;
-    * the heartbeat pings the client and closes it if no pong comes back.
+    * the dispatcher takes the client's messages from that queue and hands
+      them to ``on_handler_message``, one at a time by default
+      (``max_inflight_per_session``);
+    * the writer is the only task that waits on the socket; it takes
+      everything queued on the outbound channel and writes it in one go. When
+      it is idle with nothing queued, the task that offers a frame writes it
+      itself, with one non-blocking send;
+    * a ping task lives only while a ping from the hub's heartbeat waits for
+      its pong.
 
     Resource handling:
         The outbound channel's send side belongs to the hub actor, which feeds
