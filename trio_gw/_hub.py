@@ -497,8 +497,10 @@ class HandlerManager:
         # same order, one task switch fewer).
         command = Deliver(target, frame, reply_to=reply_to)
         if self._actor_idle():
-            self._offers_since_yield += self._run_command(command)
+            # At least one per send: a loop of sends that reach nobody yields too.
+            self._offers_since_yield += max(1, self._run_command(command))
         else:
+            self._offers_since_yield += 1
             await self._submit(command, internal=reply_to is not None)
         router = self._router
         if router._pressured or router.over_budget():

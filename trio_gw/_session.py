@@ -277,9 +277,10 @@ class Session:
 
     @property
     def _reader_blocked(self) -> bool:
-        # The dispatcher takes no message now, so trio-websocket's queue may be
-        # full and its reader stopped: a pong may not be read in time.
-        return self._dispatching
+        # The dispatcher takes no message now (its queue may fill), or the
+        # queue is full: trio-websocket's reader may have stopped, and a pong
+        # may not be read in time. The client is alive all the same.
+        return self._dispatching or inbound_backlog(self._ws) >= self._config.inbound_queue_size
 
     def _connection_ended(self) -> None:
         """trio-websocket's reader has ended: the client closed, left or broke the protocol.
@@ -323,6 +324,10 @@ class Session:
                 counters.messages_out += 1
                 counters.bytes_out += len(frame.wire)
                 self.last_progress = now
+                if self.pressured:
+                    # Marked for this frame (larger than the high-water mark,
+                    # or a tiny queue), which never reached the queue.
+                    self._hub._on_progress(self)
                 return True
             if written is None:
                 # Part of it went out: the writer finishes it before anything else.

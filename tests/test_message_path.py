@@ -1,0 +1,112 @@
+"""The message path's inline shortcuts, held to what the slow paths guarantee.
+
+Each test here is a case the attack review of the message path found: an
+inline write must end flow control's wait like a queued one, a dispatcher
+between two callbacks must not look like a dead client, and a loop of sends
+that reach nobody must still let other tasks run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import trio
+import trio.lowlevel
+
+from trio_gw import CloseCode, Reply, Session
+
+from .conftest import TIMEOUT, client, running_hub
+
+
+async def test_a_frame_written_inline_ends_the_wait_it_caused() -> None:
+    """A queue of one message (high water 0), or a frame over half the byte bound: the
+    frame marks the session pressured, then goes out inline, whole. The sender must not
+    wait for a drain that already happened, and the client is not a slow consumer.
+    """
+    for config, size in (
+        ({"outbound_queue_size": 1}, 10),
+        ({"outbound_queue_bytes": 64 << 10}, 40_000),
+    ):
+        with trio.fail_after(TIMEOUT):
+            async with (
+                running_hub(stall_timeout=TIMEOUT, **config) as (hub, url),
+                client(url, "reader") as (ws, hello),
+            ):
+                for _ in range(3):
+                    await trio.sleep(0.01)  # a trickle: each frame finds the writer idle
+                    await hub.send_message(hello["session_id"], "x" * size)
+                    assert len(await ws.get_message()) == size
+                stats = hub.statistics()
+                assert stats.sender_waits == 0, config
+                assert stats.slow_consumer_closes == 0, config
+                assert not hub._router._pressured
+
+
+async def test_a_flooding_client_with_a_slow_callback_is_not_taken_for_dead() -> None:
+    """The client sends as fast as it can and reads every answer; the callback is slower.
+    trio-websocket's queue stays full, so its reader reads no pong for a while: the
+    heartbeat must not close a client whose messages are waiting for the callback.
+    """
+
+    async def slow(reply: Reply, handler: Session, message: Any) -> None:
+        await trio.sleep(0.002)
+        await reply(handler, {"ok": message["i"]})
+
+    for inflight in (1, 4):
+        with trio.fail_after(TIMEOUT):
+            async with (
+                running_hub(
+                    slow,
+                    heartbeat_interval=0.3,
+                    heartbeat_timeout=0.1,
+                    inbound_queue_size=4,
+                    max_inflight_per_session=inflight,
+                ) as (hub, url),
+                client(url, "flood") as (ws, _),
+                trio.open_nursery() as nursery,
+            ):
+                answers = 0
+
+                async def read() -> None:
+                    nonlocal answers
+                    while True:
+                        await ws.get_message()
+                        answers += 1
+
+                nursery.start_soon(read)
+                sent = 0
+                with trio.move_on_after(2):  # several heartbeat rounds
+                    while True:
+                        await ws.send_message(orjson.dumps({"i": sent}).decode())
+                        sent += 1
+                assert ws.closed is None, (inflight, ws.closed)
+                assert CloseCode.NO_PONG not in hub.statistics().closes_by_code
+                assert answers > 0
+                nursery.cancel_scope.cancel()
+
+
+async def test_sends_that_reach_nobody_still_let_other_tasks_run() -> None:
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await trio.lowlevel.checkpoint()
+            ticks += 1
+
+    with trio.fail_after(TIMEOUT):
+        async with running_hub() as (hub, _), trio.open_nursery() as nursery:
+            nursery.start_soon(ticker)
+            for send in (
+                lambda: hub.send_message_to_all("x"),
+                lambda: hub.send_message("node1:nobody", "x"),
+                lambda: hub.send_message_to_user_ids(["nobody"], "x"),
+            ):
+                before = ticks
+                with trio.move_on_after(0.2) as scope:
+                    while True:
+                        await send()
+                assert scope.cancelled_caught  # the deadline could fire: the loop yielded
+                assert ticks > before
+            nursery.cancel_scope.cancel()
