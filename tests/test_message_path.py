@@ -11,8 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+import pytest
 import trio
 import trio.lowlevel
+from trio_websocket import ConnectionClosed
 
 from trio_gw import CloseCode, Reply, Session
 
@@ -110,3 +112,35 @@ async def test_sends_that_reach_nobody_still_let_other_tasks_run() -> None:
                 assert scope.cancelled_caught  # the deadline could fire: the loop yielded
                 assert ticks > before
             nursery.cancel_scope.cancel()
+
+
+async def test_a_cancelled_hub_block_still_closes_its_clients_gracefully() -> None:
+    """Leaving ``open_hub`` by an outer cancellation: clients get 1001 after what was
+    queued for them, and the registry and the queues are left empty.
+    """
+    scope = trio.CancelScope()
+    hubs: list[tuple[Any, str]] = []
+    started = trio.Event()
+
+    async def run_hub() -> None:
+        with scope:
+            async with running_hub(heartbeat_interval=0) as (hub, url):
+                hubs.append((hub, url))
+                started.set()
+                await trio.sleep_forever()
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_hub)
+            await started.wait()
+            hub, url = hubs[0]
+            async with client(url, "witness") as (ws, hello):
+                await hub.send_message(hello["session_id"], "last words")
+                scope.cancel()
+                assert await ws.get_message() == "last words"
+                with pytest.raises(ConnectionClosed) as closed:
+                    await ws.get_message()
+                assert closed.value.reason.code == CloseCode.GOING_AWAY
+        stats = hub.statistics()
+        assert stats.connections == 0 and stats.queued_bytes == 0
+        assert not hub.running

@@ -195,6 +195,12 @@ class HandlerManager:
         self._refusing = 0  # sockets over the limit being answered 503
         self._offers_since_yield = 0
         self._all_connections_ended = trio.Event()
+        # The actor and the connections run shielded from the caller's
+        # cancellation, so that leaving open_hub by any way closes every session
+        # gracefully; these scopes end them once that is done.
+        self._actor_scope: trio.CancelScope | None = None
+        self._connections_scope: trio.CancelScope | None = None
+        self._connections_closed = trio.Event()
         self._expiry_wakeup: trio.CancelScope | None = None
 
     # --- properties --------------------------------------------------------
@@ -667,22 +673,61 @@ class HandlerManager:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         commands = self._commands_recv
-        task_status.started()
-        async with commands:
-            while True:
-                try:
-                    command = await commands.receive()
-                except trio.EndOfChannel:  # pragma: no cover - the send side is never closed
-                    return
-                self._handle_safely(command)
-                # Handle what else is queued before yielding, so that a burst of
-                # sends reaches each writer as one batch.
-                for _ in range(_COMMAND_BATCH - 1):
+        with trio.CancelScope(shield=True) as scope:  # ended by _stop
+            self._actor_scope = scope
+            task_status.started()
+            async with commands:
+                while True:
                     try:
-                        command = commands.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
+                        command = await commands.receive()
+                    except trio.EndOfChannel:  # pragma: no cover - the send side stays open
+                        return
                     self._handle_safely(command)
+                    # Handle what else is queued before yielding, so that a burst
+                    # of sends reaches each writer as one batch.
+                    for _ in range(_COMMAND_BATCH - 1):
+                        try:
+                            command = commands.receive_nowait()
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                        self._handle_safely(command)
+
+    async def _run_connections(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Hold the nursery every connection task runs in, shielded (ended by ``_stop``)."""
+        try:
+            with trio.CancelScope(shield=True) as scope:
+                self._connections_scope = scope
+                async with trio.open_nursery() as connections:
+                    self._connections = connections
+                    task_status.started()
+                    await trio.sleep_forever()
+        finally:
+            self._connections_closed.set()
+
+    async def _stop(self) -> None:
+        """Close every session gracefully, then end the connections and the actor.
+
+        Called shielded when ``open_hub``'s block is left, however it is left.
+        """
+        await self._shutdown()
+        if self._connections_scope is not None:
+            self._connections_scope.cancel()
+        await self._connections_closed.wait()
+        # Every connection task has now submitted its unregister; let the actor
+        # handle them before it stops, so the registry is left empty.
+        with suppress(HubClosedError):
+            await self._flush(internal=True)
+        self._state = _State.CLOSED
+        if self._registry.session_count:  # pragma: no cover - would be a bug
+            logger.error(
+                "hub %s stopped with %d sessions registered",
+                self._instance_id,
+                self._registry.session_count,
+            )
+        if self._actor_scope is not None:
+            self._actor_scope.cancel()
 
     def _handle_safely(self, command: _Command) -> None:
         try:
@@ -1123,7 +1168,9 @@ async def open_hub(
         session is closed with 1001 after its queue is drained, for at most
         ``config.shutdown_timeout`` seconds; connections still open after that
         are cancelled. Only then does the actor stop, so each connection is
-        unregistered before the registry goes away.
+        unregistered before the registry goes away. The actor and the
+        connections are shielded from the caller's cancellation for that long:
+        a cancelled block still closes its clients gracefully.
     """
     hub = HandlerManager(
         service_name,
@@ -1138,27 +1185,14 @@ async def open_hub(
         await services.start(hub._run_heartbeat)
         await services.start(hub._run_expiry)
         await services.start(hub._backplane.serve, hub)
-        async with trio.open_nursery() as connections:
-            hub._connections = connections
-            hub._state = _State.RUNNING
-            try:
-                yield hub
-            finally:
-                with trio.CancelScope(shield=True):
-                    await hub._shutdown()
-                connections.cancel_scope.cancel()
-        # Every connection task has now submitted its unregister; let the actor
-        # handle them before it stops, so the registry is left empty.
-        with trio.CancelScope(shield=True):
-            await hub._flush(internal=True)
-        hub._state = _State.CLOSED
-        if hub._registry.session_count:  # pragma: no cover - would be a bug
-            logger.error(
-                "hub %s stopped with %d sessions registered",
-                hub.instance_id,
-                hub._registry.session_count,
-            )
-        services.cancel_scope.cancel()
+        await services.start(hub._run_connections)
+        hub._state = _State.RUNNING
+        try:
+            yield hub
+        finally:
+            with trio.CancelScope(shield=True):
+                await hub._stop()
+            services.cancel_scope.cancel()
 
 
 def _expiry_deadline(identity: Identity) -> float | None:
