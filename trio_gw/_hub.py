@@ -249,7 +249,7 @@ class HandlerManager:
         if handler.state in (Lifecycle.CLOSING, Lifecycle.ENDED):
             raise ValueError(f"{handler!r} is closing and cannot be registered")
         if self._registry.get(handler.session_id) is not handler:
-            self._submit_nowait(Register(handler, _expiry_deadline(handler.identity)))
+            self._submit_nowait(Register(handler))
 
     def unregister(self, handler: Session) -> None:
         """Unregister a session and close its connection normally (1000).
@@ -607,7 +607,7 @@ class HandlerManager:
             raise HubClosedError(f"hub {self._instance_id!r} has shut down") from None
 
     async def _register_session(self, session: Session) -> None:
-        await self._submit(Register(session, _expiry_deadline(session.identity)), internal=True)
+        await self._submit(Register(session), internal=True)
 
     async def _close_session(
         self, session: Session, code: int, reason: str, *, drain: bool = False
@@ -744,6 +744,10 @@ class HandlerManager:
 
     def _run_command(self, command: Command[Session]) -> int:
         """Have the router decide ``command`` and carry out its effects; returns the offers made."""
+        if isinstance(command, Register):
+            # The deadline of the identity the session has now: a refresh may
+            # have come while the registration waited in the queue.
+            command = Register(command.session, _expiry_deadline(command.session.identity))
         effects = self._router.handle(command, trio.current_time())
         offers = self._execute(effects) if effects else 0
         if isinstance(command, Register | Refresh):
