@@ -344,8 +344,8 @@ async def test_producers_that_do_not_wait_for_each_other_are_bounded_too(
     levels: list[tuple[int, int]] = []
     offer_nowait = Session._offer_nowait
 
-    def spy(session: Session, frame: Frame, now: float) -> bool:
-        queued = offer_nowait(session, frame, now)
+    def spy(session: Session, frame: Frame, now: float, inline: bool = False) -> bool:
+        queued = offer_nowait(session, frame, now, inline)
         if session.user_id == "stalled":
             levels.append((session.queued_messages, session.queued_bytes))
         return queued

@@ -81,6 +81,11 @@ _COMMAND_BATCH = 64
 # the burst's first message waits for at most 16 messages' worth of offers.
 _MESSAGES_PER_YIELD = 32
 _MIN_OFFERS_PER_YIELD = 4096
+# Inline writes (see ``_inline_budget``): one task writes at most this many
+# frames inline in a row within this many seconds; a send to more sessions than
+# that is queued for the writers whole.
+_INLINE_STREAK = 64
+_INLINE_STREAK_WINDOW = 0.01
 # The heartbeat pings one of this many groups of sessions per tick.
 _HEARTBEAT_BUCKETS = 10
 # accept() errors that mean "no descriptors or memory now", not a broken
@@ -194,6 +199,10 @@ class HandlerManager:
         self._live_connections = 0
         self._refusing = 0  # sockets over the limit being answered 503
         self._offers_since_yield = 0
+        # The task that made the last sends, how many, and since when.
+        self._streak_task: trio.lowlevel.Task | None = None
+        self._streak = 0
+        self._streak_at = -math.inf
         self._all_connections_ended = trio.Event()
         # The actor and the connections run shielded from the caller's
         # cancellation, so that leaving open_hub by any way closes every session
@@ -754,6 +763,25 @@ class HandlerManager:
             self._rearm_expiry()
         return offers
 
+    def _inline_budget(self, now: float, offers: int) -> int:
+        """How many of the next ``offers`` of one frame may be written inline.
+
+        Writing a frame inline saves the writer's task switch but costs a
+        syscall per frame, where a writer that wakes to many queued frames
+        writes them in one. Traffic that trickles (a reply, a fan-out a
+        request triggers, each from its own task) is written inline. A burst,
+        where the writers will find many frames, is queued for them: a send to
+        many sessions, and a task's sends once it has written 64 frames inline
+        within 10 ms (a producer looping without yielding).
+        """
+        if offers > _INLINE_STREAK:
+            return 0
+        task = trio.lowlevel.current_task()
+        if task is not self._streak_task or now - self._streak_at >= _INLINE_STREAK_WINDOW:
+            self._streak_task, self._streak, self._streak_at = task, 0, now
+        self._streak += offers
+        return offers if self._streak <= _INLINE_STREAK else 0
+
     def _execute(self, effects: list[Effect[Session]]) -> int:
         """Carry out the router's effects, in order; returns the offers made."""
         counters = self._counters
@@ -763,9 +791,11 @@ class HandlerManager:
                 case Offer(frame=frame, sessions=sessions):
                     now = trio.current_time()
                     offers += len(sessions)
+                    inline = self._inline_budget(now, len(sessions))
                     for session in sessions:
-                        if not session._offer_nowait(frame, now):
+                        if not session._offer_nowait(frame, now, inline > 0):
                             counters.drops += 1
+                        inline -= 1
                 case CloseSession(session=session, code=code, reason=reason, drain=drain, why=why):
                     if code == CloseCode.SLOW_CONSUMER:
                         logger.warning(
@@ -799,11 +829,13 @@ class HandlerManager:
                         counters.drops += 1
                         logger.warning("backplane dropped %r", message)
                 case Registered(session=session):
+                    now = trio.current_time()
                     session._offer_nowait(
                         encode_frame(
                             hello_message(session.session_id, session.user_id, session.username)
                         ),
-                        trio.current_time(),
+                        now,
+                        self._inline_budget(now, 1) > 0,
                     )
                     logger.info(
                         "session %s (user %s) registered",

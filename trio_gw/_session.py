@@ -34,9 +34,10 @@ logger = logging.getLogger("trio_gw")
 # the time of at most one offer per interval (see ``oldest_queued_at``).
 _MARK_INTERVAL = 0.02
 # A frame offered to an idle writer with nothing queued is written at once by
-# the offering task, at most once per this many seconds per session: a trickle
-# costs one syscall and no task switch per message, while a burst's frames
-# still reach the writer, which writes them in one syscall.
+# the offering task, at most once per this many seconds per session (and only
+# while the hub is not in a burst, see ``HandlerManager._inline_budget``): a
+# trickle costs one syscall and no task switch per message, while a burst's
+# frames still reach the writer, which writes many in one syscall.
 _INLINE_INTERVAL = 0.001
 # Queued by a task that wrote part of a frame inline: the writer finishes it.
 _RESUME = Frame(b"", False, b"")
@@ -304,15 +305,17 @@ class Session:
         marks = self._marks
         return marks[0][1] if marks and self.queued_messages else None
 
-    def _offer_nowait(self, frame: Frame, now: float) -> bool:
+    def _offer_nowait(self, frame: Frame, now: float, inline: bool = False) -> bool:
         """Queue ``frame`` (the router checked it fits); False if the session is closing.
 
-        When the writer is idle with nothing queued, the frame is written here,
-        with one non-blocking send (see ``_INLINE_INTERVAL``); a rest the socket
-        does not take is left to the writer, so the order is kept.
+        With ``inline``, when the writer is idle with nothing queued, the frame
+        is written here, with one non-blocking send (see ``_INLINE_INTERVAL``);
+        a rest the socket does not take is left to the writer, so the order is
+        kept.
         """
         if (
-            not self._writing
+            inline
+            and not self._writing
             and not self.queued_messages
             and now - self._inline_at >= _INLINE_INTERVAL
             and self._close is None
