@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         table = render(past)
         print(table)
         if args.write_results:
-            args.full = any(r["repetitions"] > 1 for r in past)
+            args.full = args.full or any(r["repetitions"] > 1 for r in past)
             (HERE / "RESULTS.md").write_text(results_page(table, args, past[0]["repetitions"]))
         return 0
     repeat = args.repeat or (3 if args.full else 1)
@@ -345,6 +345,16 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
+def baseline_note(table: str) -> str:
+    """What "trio_gw baseline" is, if the run measured one (``--baseline``)."""
+    if h.BASELINE not in table:
+        return ""
+    return (
+        f'\n"{h.BASELINE}" is an earlier checkout of trio_gw measured in the same run '
+        "(`--baseline DIR`), for before/after figures."
+    )
+
+
 def results_page(table: str, args: argparse.Namespace, repeat: int) -> str:
     versions = ", ".join(
         f"{p} {importlib.metadata.version(p)}"
@@ -368,7 +378,7 @@ invocation, one at a time, each as its own process pinned to core {h.SERVER_CORE
 load generator ran pinned to core {h.CLIENT_CORE}. "Server CPU" is the server process's own
 user+system time over the measured interval, so it does not depend on the load generator's speed.
 Ratios are peer / trio_gw for lower-is-better figures and trio_gw / peer otherwise, so a
-ratio above 1 means trio_gw did better.
+ratio above 1 means trio_gw did better.{baseline_note(table)}
 
 Machine: {cpu}, {psutil_cores()} cores, Python {platform.python_version()},
 {platform.system()} {platform.release()}.
@@ -392,8 +402,9 @@ Versions: {versions}.
   trio_gw produces faster than one load-generator process can read, and every
   client's queue overflows, which measures the client. Paced, the messages arrive
   one at a time, so each delivery wakes its connection's writer: this is trio_gw's
-  most expensive case per delivery. The stuck client is closed once its queue
-  overflows. It sees the 4008 close frame if it reads again within
+  most expensive case per delivery. The stuck client is closed once its queue is
+  over half full and it took no write for `stall_timeout` (flow control; the
+  `burst` scenario is the unpaced case). It sees the 4008 close frame if it reads again within
   `close_timeout`; a client that never reads cannot receive a close frame behind
   the frame it stopped in the middle of, so after `close_timeout` its TCP
   connection is aborted ("disconnected (no close frame)" here, because the load
