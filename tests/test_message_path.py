@@ -10,15 +10,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import orjson
 import pytest
 import trio
 import trio.lowlevel
 from trio_websocket import ConnectionClosed
 
-from trio_gw import CloseCode, Reply, Session
+from trio_gw import CloseCode, HubConfig, Reply, Session, dev_authorizer, open_hub, serve_hub
 
-from .conftest import TIMEOUT, client, running_hub
+from .conftest import TIMEOUT, client, running_hub, wait_for
 
 
 async def test_a_frame_written_inline_ends_the_wait_it_caused() -> None:
@@ -61,7 +62,7 @@ async def test_a_flooding_client_with_a_slow_callback_is_not_taken_for_dead() ->
                 running_hub(
                     slow,
                     heartbeat_interval=0.3,
-                    heartbeat_timeout=0.1,
+                    heartbeat_timeout=1.0,
                     inbound_queue_size=4,
                     max_inflight_per_session=inflight,
                 ) as (hub, url),
@@ -78,7 +79,7 @@ async def test_a_flooding_client_with_a_slow_callback_is_not_taken_for_dead() ->
 
                 nursery.start_soon(read)
                 sent = 0
-                with trio.move_on_after(2):  # several heartbeat rounds
+                with trio.move_on_after(3):  # several heartbeat rounds
                     while True:
                         await ws.send_message(orjson.dumps({"i": sent}).decode())
                         sent += 1
@@ -144,3 +145,63 @@ async def test_a_cancelled_hub_block_still_closes_its_clients_gracefully() -> No
         stats = hub.statistics()
         assert stats.connections == 0 and stats.queued_bytes == 0
         assert not hub.running
+
+
+@attrs.define
+class RecordingBackplane:
+    """A single-node backplane that records what the hub tells it (the seam, unchanged)."""
+
+    node_id: str
+    calls: list[tuple[str, str]] = attrs.Factory(list)
+
+    def publish_nowait(self, message: object) -> bool:
+        self.calls.append(("publish", type(message).__name__))
+        return True
+
+    def subscribe_nowait(self, user_id: str) -> None:
+        self.calls.append(("subscribe", user_id))
+
+    def unsubscribe_nowait(self, user_id: str) -> None:
+        self.calls.append(("unsubscribe", user_id))
+
+    async def serve(
+        self, inbox: object, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()
+        await trio.sleep_forever()
+
+
+async def test_the_backplane_hears_which_users_this_node_holds() -> None:
+    """A user's first session subscribes it, its last one leaving unsubscribes it; sends
+    that may concern other nodes are published, a local session's are not.
+    """
+    backplane = RecordingBackplane("node1")
+    config = HubConfig(host="127.0.0.1", port=0)
+    with trio.fail_after(TIMEOUT):
+        async with (
+            open_hub(
+                "test", "node1", config=config, authorizer=dev_authorizer, backplane=backplane
+            ) as hub,
+            trio.open_nursery() as nursery,
+        ):
+            url = f"ws://127.0.0.1:{await nursery.start(serve_hub, hub)}"
+            async with client(url, "ann") as (ann, first):
+                async with client(url, "ann") as (ann2, _), client(url, "bob") as (bob, _):
+                    await hub.send_message_to_user_ids(["ann"], "hi")
+                    await hub.send_message(first["session_id"], "just you")
+                    await hub.send_message_to_all("all")
+                    # (Read, so that trio-websocket's client can finish its close.)
+                    assert [await ann2.get_message() for _ in range(2)] == ["hi", "all"]
+                    assert await bob.get_message() == "all"
+                await wait_for(lambda: len(hub.user_sessions("ann")) == 1)
+                assert ("unsubscribe", "ann") not in backplane.calls
+                assert [await ann.get_message() for _ in range(3)] == ["hi", "just you", "all"]
+            await wait_for(lambda: hub.statistics().connections == 0)
+            nursery.cancel_scope.cancel()
+    subscriptions = [call for call in backplane.calls if call[0] != "publish"]
+    assert sorted(subscriptions) == sorted(
+        [("subscribe", "ann"), ("subscribe", "bob"), ("unsubscribe", "bob"), ("unsubscribe", "ann")]
+    )
+    assert subscriptions.index(("subscribe", "ann")) < subscriptions.index(("unsubscribe", "ann"))
+    publishes = [call for call in backplane.calls if call[0] == "publish"]
+    assert publishes == [("publish", "BackplaneDeliver")] * 2  # to users, to all; not to a local id

@@ -6,7 +6,10 @@ or a session id that names another node) it hands to the backplane with
 ``publish_nowait``, which must never wait: a backplane queues and batches
 internally. What other nodes publish, the backplane feeds back into the hub
 through the ``BackplaneInbox`` it is served with, marked as remote so that it is
-not published again.
+not published again. The hub also tells it, without waiting, which users this
+node holds sessions of (``subscribe_nowait`` when a user's first session
+registers, ``unsubscribe_nowait`` when the last one leaves), so that a backplane
+can route user messages by interest.
 
 ``LocalBackplane`` is the single-node implementation: there is nobody to tell.
 A Redis implementation fits behind the same protocol without changing the
@@ -71,6 +74,18 @@ class Backplane(Protocol):
         """
         ...
 
+    def subscribe_nowait(self, user_id: str) -> None:
+        """This node now holds a session of ``user_id``: route the user's messages here.
+
+        Called by the hub, without waiting, when the user's first session on
+        this node registers; a backplane batches its subscriptions.
+        """
+        ...
+
+    def unsubscribe_nowait(self, user_id: str) -> None:
+        """This node's last session of ``user_id`` left."""
+        ...
+
     async def serve(
         self,
         inbox: BackplaneInbox,
@@ -95,6 +110,12 @@ class LocalBackplane:
     def publish_nowait(self, message: BackplaneMessage) -> bool:
         """There are no other nodes: nothing to do."""
         return True
+
+    def subscribe_nowait(self, user_id: str) -> None:
+        """There are no other nodes: nothing to do."""
+
+    def unsubscribe_nowait(self, user_id: str) -> None:
+        """There are no other nodes: nothing to do."""
 
     async def serve(
         self,

@@ -850,8 +850,10 @@ class HandlerManager:
                         session.user_id,
                         extra=session.log_fields,
                     )
-                case Subscribe() | Unsubscribe():
-                    pass  # a single node listens to no one; a Redis backplane (un)subscribes
+                case Subscribe(user_id=user_id):
+                    self._backplane.subscribe_nowait(user_id)
+                case Unsubscribe(user_id=user_id):
+                    self._backplane.unsubscribe_nowait(user_id)
         if self._budget_waiters:
             self._wake_budget_waiters()
         return offers
