@@ -16,10 +16,16 @@ import pytest
 import trio
 import trio.lowlevel
 from trio_websocket import ConnectionClosed
+from wsproto.frame_protocol import Opcode
 
 from trio_gw import CloseCode, HubConfig, Reply, Session, dev_authorizer, open_hub, serve_hub
+from trio_gw._router import Close
+from trio_gw._targets import ToSession
+from trio_gw._transport import handed_over
 
 from .conftest import TIMEOUT, client, running_hub, wait_for
+from .test_hostile import RawClient, frame
+from .test_session import port_of
 
 
 async def test_a_frame_written_inline_ends_the_wait_it_caused() -> None:
@@ -205,3 +211,87 @@ async def test_the_backplane_hears_which_users_this_node_holds() -> None:
     assert subscriptions.index(("subscribe", "ann")) < subscriptions.index(("unsubscribe", "ann"))
     publishes = [call for call in backplane.calls if call[0] == "publish"]
     assert publishes == [("publish", "BackplaneDeliver")] * 2  # to users, to all; not to a local id
+
+
+async def test_a_message_handed_to_the_dispatcher_before_a_close_is_still_processed() -> None:
+    """trio's channel hands a message straight to a dispatcher waiting in
+    ``get_message``; if the hub closes the session before the dispatcher runs, the
+    message was still received first, and goes to the callback, not to ``drops``.
+    """
+    processed: list[Any] = []
+
+    async def callback(reply: Reply, handler: Session, message: Any) -> None:
+        processed.append(message)
+
+    hits = 0
+    with trio.fail_after(TIMEOUT):
+        async with running_hub(callback, close_timeout=0.3, heartbeat_interval=0) as (hub, url):
+            for round_ in range(200):
+                raw = await RawClient.open(port_of(url), f"u{round_}")
+                session = hub.get_handler(raw.session_id)
+                assert session is not None
+                await raw.stream.send_all(frame(Opcode.TEXT, orjson.dumps(round_)))
+                # Catch the moment the message is handed over, before the dispatcher runs.
+                caught = False
+                for _ in range(1000):
+                    await trio.lowlevel.checkpoint()
+                    if session._awaiting_message and handed_over(session._ws):
+                        caught = True
+                        # What the actor does with hub.close(), done now, before
+                        # the dispatcher runs.
+                        hub._run_command(Close(ToSession(raw.session_id), 1000, "closed"))
+                        break
+                    if processed and processed[-1] == round_:
+                        break
+                if caught:
+                    hits += 1
+                    await raw.closed_with(CloseCode.NORMAL)
+                    assert processed[-1] == round_
+                else:
+                    await raw.stream.aclose()
+                if hits >= 3:
+                    break
+    assert hits > 0  # the race was reached at least once
+    assert hub.statistics().drops == 0
+
+
+class FailingBackplane(RecordingBackplane):
+    """A backplane whose connection fails while the hub starts."""
+
+    async def serve(
+        self, inbox: object, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        await trio.sleep(0.01)
+        raise OSError("backplane: connection refused")
+
+
+async def test_a_hub_whose_start_fails_or_is_cancelled_does_not_hang() -> None:
+    """The actor runs shielded from the caller: a start-up that fails, is cancelled, or
+    begins cancelled must still end it, and raise (or return) at once.
+    """
+    config = HubConfig(host="127.0.0.1", port=0)
+    with trio.fail_after(TIMEOUT):
+        with pytest.raises(BaseExceptionGroup) as failed:
+            async with open_hub("t", "node1", config=config, backplane=FailingBackplane("node1")):
+                pytest.fail("the block must not run")  # pragma: no cover
+        assert failed.group_contains(OSError, match="connection refused")
+
+        with trio.CancelScope() as already:
+            already.cancel()
+            async with open_hub("t", "node1", config=config):
+                pytest.fail("the block must not run")  # pragma: no cover
+        assert already.cancelled_caught
+
+        with trio.move_on_after(0.05) as gave_up:
+            async with open_hub("t", "node1", config=config, backplane=SlowBackplane("node1")):
+                pytest.fail("the block must not run")  # pragma: no cover
+        assert gave_up.cancelled_caught
+
+
+class SlowBackplane(RecordingBackplane):
+    """A backplane that takes for ever to connect."""
+
+    async def serve(
+        self, inbox: object, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        await trio.sleep_forever()

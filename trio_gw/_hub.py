@@ -682,6 +682,9 @@ class HandlerManager:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         commands = self._commands_recv
+        # A start that is cancelled already must not leave a shielded task
+        # behind: trio's start() would wait for it for ever.
+        await trio.lowlevel.checkpoint_if_cancelled()
         with trio.CancelScope(shield=True) as scope:  # ended by _stop
             self._actor_scope = scope
             task_status.started()
@@ -705,6 +708,7 @@ class HandlerManager:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Hold the nursery every connection task runs in, shielded (ended by ``_stop``)."""
+        await trio.lowlevel.checkpoint_if_cancelled()  # see _run_actor
         try:
             with trio.CancelScope(shield=True) as scope:
                 self._connections_scope = scope
@@ -735,8 +739,13 @@ class HandlerManager:
                 self._instance_id,
                 self._registry.session_count,
             )
-        if self._actor_scope is not None:
-            self._actor_scope.cancel()
+        self._end_shielded_tasks()
+
+    def _end_shielded_tasks(self) -> None:
+        self._state = _State.CLOSED
+        for scope in (self._connections_scope, self._actor_scope):
+            if scope is not None:
+                scope.cancel()
 
     def _handle_safely(self, command: _Command) -> None:
         try:
@@ -1219,17 +1228,22 @@ async def open_hub(
         backplane=backplane,
     )
     async with trio.open_nursery() as services:
-        await services.start(hub._run_actor)
-        await services.start(hub._run_heartbeat)
-        await services.start(hub._run_expiry)
-        await services.start(hub._backplane.serve, hub)
-        await services.start(hub._run_connections)
-        hub._state = _State.RUNNING
         try:
-            yield hub
+            await services.start(hub._run_actor)
+            await services.start(hub._run_heartbeat)
+            await services.start(hub._run_expiry)
+            await services.start(hub._backplane.serve, hub)
+            await services.start(hub._run_connections)
+            hub._state = _State.RUNNING
+            try:
+                yield hub
+            finally:
+                with trio.CancelScope(shield=True):
+                    await hub._stop()
         finally:
-            with trio.CancelScope(shield=True):
-                await hub._stop()
+            # Whatever ended the block or its start-up (a failed backplane, a
+            # second Ctrl-C during _stop), the shielded tasks end with it.
+            hub._end_shielded_tasks()
             services.cancel_scope.cancel()
 
 

@@ -20,7 +20,14 @@ from ._errors import HubClosedError
 from ._frames import Frame
 from ._lifecycle import Lifecycle, Transition, advance
 from ._router import QueueBudget
-from ._transport import CloseWrite, FrameWriter, abort, inbound_backlog, make_writer
+from ._transport import (
+    CloseWrite,
+    FrameWriter,
+    abort,
+    handed_over,
+    inbound_backlog,
+    make_writer,
+)
 
 if TYPE_CHECKING:
     from ._hub import HandlerManager
@@ -131,6 +138,7 @@ class Session:
     # The dispatcher (the read loop) is in a callback, or waits for a free slot
     # (max_inflight_per_session): it takes no message meanwhile.
     _dispatching: bool = False
+    _awaiting_message: bool = False  # the dispatcher waits in get_message()
     # Client messages received before the hub began closing the session and not
     # yet handed to the callback; they still are.
     _backlog: int = 0
@@ -389,6 +397,8 @@ class Session:
         # The session takes no new client messages; those already received are
         # still handed to the callback.
         self._backlog = inbound_backlog(self._ws)
+        if self._awaiting_message and handed_over(self._ws):
+            self._backlog += 1  # handed to the dispatcher, which has not run yet
         if not drain:
             self._out_send.close()
             self._hub._counters.drops += self._discard_queued()
@@ -460,7 +470,11 @@ class Session:
                 self._connection_ended()
             try:
                 while True:
-                    message = await ws.get_message()
+                    self._awaiting_message = True
+                    try:
+                        message = await ws.get_message()
+                    finally:
+                        self._awaiting_message = False
                     counters.messages_in += 1
                     if self._close is not None:
                         if self._backlog <= 0:

@@ -607,11 +607,28 @@ def _write_nowait(sock: trio.socket.SocketType, data: bytes | memoryview) -> int
 
 
 def inbound_backlog(ws: WebSocketConnection) -> int:
-    """Client messages trio-websocket has received that nobody has taken yet."""
+    """Client messages trio-websocket has received that nobody has taken yet.
+
+    Those in its queue, and one held by its reader while the queue is full.
+    """
     channel = getattr(ws, "_recv_channel", None)
     if isinstance(channel, trio.MemoryReceiveChannel):
-        return channel.statistics().current_buffer_used
+        stats = channel.statistics()
+        return stats.current_buffer_used + stats.tasks_waiting_send
     return 0
+
+
+def handed_over(ws: WebSocketConnection) -> bool:
+    """True if a dispatcher waiting in ``get_message`` has been handed a message.
+
+    trio's channel hands a message straight to a waiting receiver: it is then
+    in no queue, but the receiver has not run yet. Asked only while the
+    dispatcher is (or was just) waiting.
+    """
+    channel = getattr(ws, "_recv_channel", None)
+    return isinstance(channel, trio.MemoryReceiveChannel) and (
+        channel.statistics().tasks_waiting_receive == 0
+    )
 
 
 def fast_writer_supported(ws: WebSocketConnection) -> bool:
