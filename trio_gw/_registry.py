@@ -1,10 +1,10 @@
-"""The hub's registry and routing decisions: a pure core with no I/O and no trio.
+"""The hub's registry: who is connected, and which sessions a target reaches. Pure, no trio.
 
-The hub actor owns one ``Registry`` and is the only code that calls its
-mutating methods. Each mutation returns the effects it implies (a user's first
-session arrived, a user's last session left, ...) and the actor carries them
-out. Because nothing here awaits, the registry can be tested with plain
-synchronous and hypothesis stateful tests.
+The router (``_router.py``) owns one ``Registry`` and is the only code that
+calls its mutating methods. Each mutation returns the changes it implies (a
+user's first session arrived, a user's last session left, ...), which the
+router turns into its own effects. Because nothing here awaits, the registry
+can be tested with plain synchronous and hypothesis stateful tests.
 
 Invariants, checked by ``check_invariants``:
 
