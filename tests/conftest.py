@@ -14,14 +14,22 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
+import pytest
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from trio_gw import HandlerManager, HubConfig, MessageCallback, dev_authorizer, open_hub, serve_hub
 from trio_gw._auth import Authorizer
+from trio_gw._config import ENGINES
 
 # Generous: these guard against hangs, they are not performance assertions.
 TIMEOUT = 20
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    """Each connection layer (``HubConfig.engine``) in turn, for the tests that take it."""
+    return str(request.param)
 
 
 @asynccontextmanager

@@ -53,6 +53,14 @@ def _positive_number(v: Any) -> bool:
     return _non_negative_number(v) and v > 0
 
 
+def _bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+#: The connection layers a hub can run on (``HubConfig.engine``).
+ENGINES = ("wsproto", "trio-websocket")
+
+
 def _valid_origins(v: Any) -> bool:
     try:
         OriginPolicy(v)
@@ -168,6 +176,16 @@ class HubConfig:
         default="fast",
         validator=_check(lambda v: v in ("fast", "portable"), "'fast' or 'portable'"),
     )
+    #: The connection layer: "wsproto" drives wsproto directly, one task per
+    #: idle connection; "trio-websocket" runs connections on trio-websocket's
+    #: server (``writer`` applies to it only).
+    engine: str = attrs.field(
+        default="trio-websocket",
+        validator=_check(lambda v: v in ENGINES, "'wsproto' or 'trio-websocket'"),
+    )
+    #: Offer permessage-deflate (RFC 7692) to clients that ask for it (wsproto
+    #: engine only). Costs memory per compressing connection; see the README.
+    compression: bool = attrs.field(default=False, validator=_check(_bool, "true or false"))
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> HubConfig:
