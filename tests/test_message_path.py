@@ -225,7 +225,9 @@ async def test_a_message_handed_to_the_dispatcher_before_a_close_is_still_proces
 
     hits = 0
     with trio.fail_after(TIMEOUT):
-        async with running_hub(callback, close_timeout=0.3, heartbeat_interval=0) as (hub, url):
+        async with running_hub(
+            callback, close_timeout=0.3, heartbeat_interval=0, engine="trio-websocket"
+        ) as (hub, url):
             for round_ in range(200):
                 raw = await RawClient.open(port_of(url), f"u{round_}")
                 session = hub.get_handler(raw.session_id)
@@ -235,7 +237,7 @@ async def test_a_message_handed_to_the_dispatcher_before_a_close_is_still_proces
                 caught = False
                 for _ in range(1000):
                     await trio.lowlevel.checkpoint()
-                    if session._awaiting_message and handed_over(session._ws):
+                    if session._awaiting_message and handed_over(session._conn._ws):
                         caught = True
                         # What the actor does with hub.close(), done now, before
                         # the dispatcher runs.

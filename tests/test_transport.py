@@ -36,13 +36,16 @@ def test_pinned_version_is_the_tested_one() -> None:
 
 async def test_internals_are_present_on_a_live_connection() -> None:
     with trio.fail_after(TIMEOUT):
-        async with running_hub() as (hub, url), client(url, "a") as (_, hello):
+        async with (
+            running_hub(engine="trio-websocket") as (hub, url),
+            client(url, "a") as (_, hello),
+        ):
             session = hub.get_handler(hello["session_id"])
             assert session is not None
-            assert fast_writer_supported(session._ws)
+            assert fast_writer_supported(session._conn._ws)
             assert isinstance(session._writer, FastWriter)
-            assert isinstance(session._ws._recv_channel, trio.MemoryReceiveChannel)
-            assert inbound_backlog(session._ws) == 0
+            assert isinstance(session._conn._ws._recv_channel, trio.MemoryReceiveChannel)
+            assert inbound_backlog(session._conn._ws) == 0
 
 
 async def test_falls_back_when_internals_are_missing() -> None:
@@ -58,7 +61,7 @@ async def test_fast_writer_bytes_are_what_wsproto_parses() -> None:
     """Frames built once by encode_frame arrive intact through a real client."""
     messages = ["", "é" * 70000, b"\x00" * 126, b"\xff" * 65536, {"k": [1, 2, 3]}]
     with trio.fail_after(TIMEOUT):
-        async with running_hub() as (hub, url):
+        async with running_hub(engine="trio-websocket") as (hub, url):
             async with open_websocket_url(f"{url}/?token=z") as ws:
                 await ws.get_message()  # hello
                 sid = hub.session_ids()[0]

@@ -180,7 +180,7 @@ class HubConfig:
     #: idle connection; "trio-websocket" runs connections on trio-websocket's
     #: server (``writer`` applies to it only).
     engine: str = attrs.field(
-        default="trio-websocket",
+        default="wsproto",
         validator=_check(lambda v: v in ENGINES, "'wsproto' or 'trio-websocket'"),
     )
     #: Offer permessage-deflate (RFC 7692) to clients that ask for it (wsproto

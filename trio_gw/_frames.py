@@ -7,6 +7,7 @@ same for every connection. ``Frame`` holds them, and the writers hand the same
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import orjson
@@ -28,12 +29,33 @@ class Frame:
         wire: The complete, unmasked frame as written to every socket.
     """
 
-    __slots__ = ("data", "is_text", "wire")
+    __slots__ = ("_deflated", "data", "is_text", "wire")
 
     def __init__(self, data: bytes, is_text: bool, wire: bytes) -> None:
         self.data = data
         self.is_text = is_text
         self.wire = wire
+        self._deflated: tuple[int, bytes] | None = None
+
+    def deflated(self, bits: int, min_size: int) -> bytes:
+        """The frame compressed with permessage-deflate (RFC 7692), on its own.
+
+        Compressed once per window size and kept, so that every recipient
+        whose connection negotiated compression shares it. Messages shorter
+        than ``min_size``, or that do not shrink, go uncompressed.
+        """
+        cached = self._deflated
+        if cached is not None and cached[0] == bits:
+            return cached[1]
+        wire = self.wire
+        if len(self.data) >= min_size:
+            compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -bits)
+            body = compressor.compress(self.data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+            body = body[:-4]  # the empty block's 00 00 ff ff (RFC 7692 7.2.1)
+            if len(body) < len(self.data):
+                wire = _frame_header(0xC1 if self.is_text else 0xC2, len(body)) + body
+        self._deflated = (bits, wire)
+        return wire
 
     def __len__(self) -> int:
         return len(self.wire)
@@ -46,6 +68,15 @@ class Frame:
     def payload(self) -> str | bytes:
         """The message as trio-websocket's ``send_message`` takes it."""
         return self.data.decode("utf-8") if self.is_text else self.data
+
+
+def _frame_header(first_byte: int, length: int) -> bytes:
+    """A server frame's header (FIN, RSV1 and the opcode in ``first_byte``; unmasked)."""
+    if length < 126:
+        return bytes((first_byte, length))
+    if length < 1 << 16:
+        return bytes((first_byte, 126)) + length.to_bytes(2, "big")
+    return bytes((first_byte, 127)) + length.to_bytes(8, "big")
 
 
 def encode_frame(message: Any) -> Frame:

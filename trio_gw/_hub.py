@@ -16,7 +16,7 @@ from typing import Any, NoReturn, TypeAlias
 import attrs
 import orjson
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+import trio_websocket
 
 from ._auth import Authorizer, Handshake, Identity
 from ._backplane import (
@@ -28,6 +28,7 @@ from ._backplane import (
 )
 from ._close_codes import CloseCode
 from ._config import HubConfig
+from ._connection import Connection, ConnectionEnded, NoRequest, Upgrade
 from ._devmode import dev_authorizer
 from ._errors import AuthRefused, ConfigError, HubClosedError, HubOverloadedError
 from ._frames import Frame, encode_frame
@@ -60,8 +61,9 @@ from ._router import (
 from ._session import Session
 from ._statistics import Counters, HubStatistics
 from ._targets import Target, ToAll, ToSession, new_session_id, to_users
-from ._transport import NoRequest, ServerConnection, open_server_connection
+from ._transport import open_trio_websocket
 from ._wire import error_message, hello_message
+from ._wsproto_engine import open_wsproto_connection
 
 __all__ = ["HandlerManager", "MessageCallback", "Reply", "open_hub", "serve_hub"]
 
@@ -98,7 +100,12 @@ _REFUSAL_SLOTS = 16
 _REFUSAL_TIMEOUT = 2.0
 _ACCEPT_ERROR_LOG_INTERVAL = 10
 # What a peer that vanishes can make the libraries under a connection raise.
-_PEER_LEFT = (ConnectionClosed, trio.BrokenResourceError, ConnectionError)
+_PEER_LEFT = (
+    trio_websocket.ConnectionClosed,
+    ConnectionEnded,
+    trio.BrokenResourceError,
+    ConnectionError,
+)
 
 
 class _State(enum.Enum):
@@ -829,7 +836,7 @@ class HandlerManager:
                         )
                     session._request_close(code, reason, drain=drain)
                 case Discard(session=session):
-                    session._out_send.close()
+                    session._close_outbound()
                     counters.drops += session._discard_queued()
                 case WakeProducers(session=session):
                     session._wake_producers()
@@ -953,51 +960,38 @@ class HandlerManager:
         session: Session | None = None
         try:
             async with trio.open_nursery() as nursery:
-                connection = None
+                upgrade = None
                 with trio.move_on_after(config.handshake_timeout):
-                    connection = await open_server_connection(
-                        nursery,
-                        stream,
-                        # The session's inbound queue: its dispatcher reads it directly.
-                        message_queue_size=config.inbound_queue_size,
-                        max_message_size=config.max_message_size,
-                    )
-                if not isinstance(connection, ServerConnection):
-                    self._handshake_failed(peer, connection)
+                    upgrade = await self._open_upgrade(nursery, stream)
+                if upgrade is None or isinstance(upgrade, NoRequest):
+                    self._handshake_failed(peer, upgrade)
                 else:
-                    ws = connection.ws
-                    accepted = await self._answer_handshake(connection, peer)
+                    accepted = await self._answer_handshake(upgrade, peer)
                     counters.handshakes_in_progress -= 1
                     in_handshake = False
                     if accepted is not None:
-                        ws, identity = accepted
+                        connection, identity = accepted
                         session = Session._create(
                             session_id=new_session_id(self._instance_id),
                             identity=identity,
                             remote=peer,
-                            ws=ws,
+                            connection=connection,
                             hub=self,
                             config=config,
                         )
-                        if connection.protocol is not None:
-                            connection.protocol.on_reader_end = session._connection_ended
-                        if ws.closed is not None:
-                            session._connection_ended()
                         try:
                             await session._run()
                         except* Exception as failure:
-                            # trio-websocket's reader still runs: close with 1011
-                            # and finish the close handshake.
+                            # The engine can still finish the close handshake:
+                            # close with 1011.
                             self._connection_failed(failure, session, peer)
                             try:
                                 await session._close_after_failure()
                             except Exception as exc:  # logged once above already
                                 logger.warning("closing %s after its failure: %r", session, exc)
-                    if ws is not None:
-                        # The end of the close handshake (or of a refusal), as
-                        # trio-websocket's own server does it.
-                        with trio.move_on_after(config.close_timeout):
-                            await ws.aclose()
+                    # The end of the close handshake (or of a refusal).
+                    with trio.move_on_after(config.close_timeout):
+                        await upgrade.aclose()
                 nursery.cancel_scope.cancel()
         except* Exception as failure:
             # trio-websocket's reader (or the handshake) failed: every task of
@@ -1027,16 +1021,35 @@ class HandlerManager:
             if self._live_connections == 0 and self._state is not _State.RUNNING:
                 self._all_connections_ended.set()
 
+    async def _open_upgrade(
+        self, nursery: trio.Nursery, stream: trio.abc.Stream
+    ) -> Upgrade | NoRequest:
+        """Read the opening handshake with the configured engine."""
+        config = self._config
+        if config.engine == "wsproto":
+            return await open_wsproto_connection(
+                stream,
+                max_message_size=config.max_message_size,
+                inbound_queue_size=config.inbound_queue_size,
+                compression=config.compression,
+            )
+        return await open_trio_websocket(
+            nursery,
+            stream,
+            # The session's inbound queue: its dispatcher reads it directly.
+            message_queue_size=config.inbound_queue_size,
+            max_message_size=config.max_message_size,
+            fast=config.writer == "fast",
+        )
+
     async def _refuse_connection(self, stream: trio.abc.Stream) -> None:
         """Answer a socket over the connection limit with 503 (error boundary as above)."""
         try:
             async with trio.open_nursery() as nursery:
                 connection = None
                 with trio.move_on_after(_REFUSAL_TIMEOUT):
-                    connection = await open_server_connection(
-                        nursery, stream, message_queue_size=1, max_message_size=1024
-                    )
-                if not isinstance(connection, ServerConnection):
+                    connection = await self._open_upgrade(nursery, stream)
+                if connection is None or isinstance(connection, NoRequest):
                     self._handshake_failed(_peer_address(stream), connection)
                 else:
                     why, body = (
@@ -1044,7 +1057,7 @@ class HandlerManager:
                         if self._state is _State.RUNNING
                         else ("shutting_down", "hub is shutting down")
                     )
-                    await self._reject(connection.request, 503, why, body)
+                    await self._reject(connection, 503, why, body)
                 nursery.cancel_scope.cancel()
         except* Exception as failure:
             self._connection_failed(failure, None, _peer_address(stream))
@@ -1086,20 +1099,18 @@ class HandlerManager:
         )
 
     async def _answer_handshake(
-        self, connection: ServerConnection, peer: tuple[str, int] | None
-    ) -> tuple[WebSocketConnection, Identity] | None:
+        self, request: Upgrade, peer: tuple[str, int] | None
+    ) -> tuple[Connection, Identity] | None:
         """Check the request, run the authorizer, and accept or refuse.
 
         Returns:
             The open connection and who it is, or None if it was refused (the
             refusal is answered and counted here) or the peer left meanwhile.
         """
-        request = connection.request
         if self._state is not _State.RUNNING:
             await self._reject(request, 503, "shutting_down", "hub is shutting down")
             return None
-        protocol = connection.protocol
-        if protocol is not None and protocol.http_version != b"1.1":
+        if request.http_version != b"1.1":
             await self._reject(
                 request, 400, "bad_request", "a WebSocket upgrade needs HTTP/1.1 (RFC 6455 4.1)"
             )
@@ -1116,16 +1127,16 @@ class HandlerManager:
         identity = await self._authorize(request, handshake)
         if identity is None:
             return None
-        ws = None
+        connection = None
         # A client that does not read even the 101 answer holds nothing for long.
-        with suppress(ConnectionClosed), trio.move_on_after(self._config.close_timeout):
-            ws = await request.accept()
-        if ws is None:
+        with trio.move_on_after(self._config.close_timeout):
+            connection = await request.accept()
+        if connection is None:
             self._counters.handshakes_aborted += 1
             return None
-        return ws, identity
+        return connection, identity
 
-    async def _authorize(self, request: WebSocketRequest, handshake: Handshake) -> Identity | None:
+    async def _authorize(self, request: Upgrade, handshake: Handshake) -> Identity | None:
         """Run the authorizer; answer the refusal itself and return None if refused."""
         if self._authorizer is None:
             logger.warning("handshake refused: no authorizer configured (pass authorizer=...)")
@@ -1154,18 +1165,11 @@ class HandlerManager:
             return None
         return identity
 
-    async def _reject(self, request: WebSocketRequest, status: int, why: str, body: str) -> None:
+    async def _reject(self, request: Upgrade, status: int, why: str, body: str) -> None:
         self._counters.rejected_handshakes[why] += 1
         logger.info("handshake refused: %d %s", status, body)
-        try:
-            with trio.move_on_after(self._config.close_timeout):
-                await request.reject(
-                    status,
-                    extra_headers=[(b"content-type", b"text/plain; charset=utf-8")],
-                    body=body.encode(),
-                )
-        except ConnectionClosed:
-            pass  # the peer left; it was refused all the same
+        with trio.move_on_after(self._config.close_timeout):
+            await request.reject(status, body.encode())
 
     async def _shutdown(self) -> None:
         """Close every session with 1001, draining their queues, within the grace period."""

@@ -11,23 +11,15 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from ._auth import Identity
 from ._close_codes import CloseCode
 from ._config import HubConfig
+from ._connection import CloseWrite, Connection, ConnectionEnded, FrameWriter
 from ._errors import HubClosedError
 from ._frames import Frame
 from ._lifecycle import Lifecycle, Transition, advance
 from ._router import QueueBudget
-from ._transport import (
-    CloseWrite,
-    FrameWriter,
-    abort,
-    handed_over,
-    inbound_backlog,
-    make_writer,
-)
 
 if TYPE_CHECKING:
     from ._hub import HandlerManager
@@ -112,13 +104,17 @@ class Session:
     identity: Identity
     remote: tuple[str, int] | None
     connected_at: float
-    _ws: WebSocketConnection
+    _conn: Connection
     _hub: HandlerManager
     _config: HubConfig
     _writer: FrameWriter
-    _out_send: trio.MemorySendChannel[Frame]
-    _out_recv: trio.MemoryReceiveChannel[Frame]
     _budget: QueueBudget
+    # The outbound queue and its writer task are made when a frame is first
+    # queued: an idle connection, whose messages are written inline, has neither.
+    _out_send: trio.MemorySendChannel[Frame] | None = None
+    _out_recv: trio.MemoryReceiveChannel[Frame] | None = None
+    _outbound_closed: bool = False  # nothing may be queued any more
+    _writer_started: bool = False
     #: Where the session is in its life (see ``trio_gw._lifecycle``).
     state: Lifecycle = Lifecycle.CONNECTING
     #: Frames and bytes in the outbound queue now (not counting the write in progress).
@@ -139,6 +135,8 @@ class Session:
     # (max_inflight_per_session): it takes no message meanwhile.
     _dispatching: bool = False
     _awaiting_message: bool = False  # the dispatcher waits in get_message()
+    _dispatcher_running: bool = False  # a dispatcher task takes waiting messages
+    _slots: trio.Semaphore | None = None  # callbacks at once (max_inflight_per_session > 1)
     # Client messages received before the hub began closing the session and not
     # yet handed to the callback; they still are.
     _backlog: int = 0
@@ -167,24 +165,29 @@ class Session:
         session_id: str,
         identity: Identity,
         remote: tuple[str, int] | None,
-        ws: WebSocketConnection,
+        connection: Connection,
         hub: HandlerManager,
         config: HubConfig,
     ) -> Session:
-        out_send, out_recv = trio.open_memory_channel[Frame](config.outbound_queue_size)
-        return cls(
+        session = cls(
             session_id,
             identity,
             remote,
             time.time(),
-            ws,
+            connection,
             hub,
             config,
-            make_writer(ws, fast=config.writer == "fast"),
-            out_send,
-            out_recv,
+            connection.writer,
             hub._router.budget,
         )
+        # The wsproto engine's writer asks for the writer task when a control
+        # frame (a pong, a close) has to wait for the socket.
+        if hasattr(connection.writer, "on_blocked"):
+            connection.writer.on_blocked = session._queue_resume
+        connection.on_end = session._connection_ended
+        if connection.ended:
+            session._connection_ended()
+        return session
 
     def __repr__(self) -> str:
         return f"<Session {self.session_id} user={self.user_id!r}>"
@@ -218,13 +221,13 @@ class Session:
     def close_code(self) -> int:
         """The code this connection was closed with, as far as it is known yet.
 
-        The hub's code if the hub closed it (trio-websocket records 1000 for
-        every close it starts), else the client's, else 1006 (no close frame).
+        The hub's code if the hub closed it, else the client's, else 1006 (no
+        close frame).
         """
         if self._close is not None:
             return self._close.code
-        closed = self._ws.closed
-        return closed.code if closed is not None else 1006
+        code = self._conn.peer_code
+        return code if code is not None else 1006
 
     def start_soon(self, async_fn: Callable[..., Awaitable[object]], *args: object) -> bool:
         """Run a task on this session's behalf, beside its dispatcher.
@@ -270,7 +273,7 @@ class Session:
 
     @property
     def _work_pending(self) -> bool:
-        return self._dispatching or self._backlog > 0 or self._tasks > 0
+        return self._dispatching or self._dispatcher_running or self._backlog > 0 or self._tasks > 0
 
     def _note_work_done(self) -> None:
         if self._work_idle is not None and not self._work_pending:
@@ -289,10 +292,10 @@ class Session:
         # The dispatcher takes no message now (its queue may fill), or the
         # queue is full: trio-websocket's reader may have stopped, and a pong
         # may not be read in time. The client is alive all the same.
-        return self._dispatching or inbound_backlog(self._ws) >= self._config.inbound_queue_size
+        return self._dispatching or self._conn.inbound_backlog() >= self._config.inbound_queue_size
 
     def _connection_ended(self) -> None:
-        """trio-websocket's reader has ended: the client closed, left or broke the protocol.
+        """The connection has ended: the client closed, left or broke the protocol.
 
         Messages it sent before are still handed to the callback, but not for
         longer than a close may take.
@@ -344,11 +347,9 @@ class Session:
                 # Part of it went out: the writer finishes it before anything else.
                 self._writing = True
                 self._inline_rest = len(frame.wire)
-                self._out_send.send_nowait(_RESUME)
+                self._queue_nowait(_RESUME)
                 return True
-        try:
-            self._out_send.send_nowait(frame)
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+        if not self._queue_nowait(frame):
             return False
         size = len(frame.wire)
         marks = self._marks
@@ -363,6 +364,44 @@ class Session:
         self.queued_bytes += size
         self._budget.queued += size
         return True
+
+    def _queue_nowait(self, frame: Frame) -> bool:
+        """Put ``frame`` on the outbound queue, making the queue and its writer on first use."""
+        send = self._out_send
+        if send is None:
+            if self._outbound_closed or self._nursery is None:
+                return False
+            send, recv = trio.open_memory_channel[Frame](self._config.outbound_queue_size)
+            try:
+                self._nursery.start_soon(self._write_loop, recv)
+            except RuntimeError:  # the connection has ended
+                return False
+            self._out_send, self._out_recv = send, recv
+            self._writer_started = True
+        try:
+            send.send_nowait(frame)
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            return False
+        return True
+
+    def _queue_resume(self) -> None:
+        """The engine holds bytes only the writer task may write: have it ``resume``."""
+        if self._writing or self.queued_messages or self._outbound_closed:
+            return  # the writer writes them with its next write (or none is wanted)
+        self._writing = True
+        self._inline_rest = 0
+        if not self._queue_nowait(_RESUME):
+            self._writing = False
+
+    def _close_outbound(self) -> None:
+        """Nothing more is queued: the writer ends once it has written what is."""
+        self._outbound_closed = True
+        if self._out_send is not None:
+            self._out_send.close()
+
+    @property
+    def _writer_running(self) -> bool:
+        return self._writer_started and not self._writer_done.done
 
     def _took(self, count: int, size: int) -> None:
         """The writer took ``count`` frames (``size`` bytes) off the queue."""
@@ -396,11 +435,11 @@ class Session:
         self._close = _CloseRequest(code, reason, drain)
         # The session takes no new client messages; those already received are
         # still handed to the callback.
-        self._backlog = inbound_backlog(self._ws)
-        if self._awaiting_message and handed_over(self._ws):
+        self._backlog = self._conn.inbound_backlog()
+        if self._awaiting_message and self._conn.handed_over():
             self._backlog += 1  # handed to the dispatcher, which has not run yet
         if not drain:
-            self._out_send.close()
+            self._close_outbound()
             self._hub._counters.drops += self._discard_queued()
         if self._nursery is not None:
             # RuntimeError: the connection ended a moment ago; nothing to close.
@@ -410,9 +449,10 @@ class Session:
     def _discard_queued(self) -> int:
         """Drop every frame still queued; returns how many."""
         dropped = 0
-        while True:
+        recv = self._out_recv
+        while recv is not None:
             try:
-                frame = self._out_recv.receive_nowait()
+                frame = recv.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
             if frame is not _RESUME:  # a half-written frame is finished by the close frame
@@ -438,11 +478,14 @@ class Session:
         config = self._config
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._write_loop)
             if self._close is not None:  # asked to close before the nursery existed
                 nursery.start_soon(self._close_procedure)
             await self._hub._register_session(self)
-            await self._read_loop()
+            if self._conn.push:
+                # This task reads; a dispatcher runs while messages wait.
+                await self._conn.receive_messages(self._messages_waiting)
+            else:
+                await self._read_loop()
             if self._close is not None:
                 await self._close_done.wait()
             # Messages the client sent before it left are still processed
@@ -455,15 +498,14 @@ class Session:
     async def _read_loop(self) -> None:
         """Read the client's messages and hand each to the callback: the dispatcher.
 
-        trio-websocket's reader task queues up to ``inbound_queue_size``
-        messages meanwhile, and answers pings and close frames; when its queue
-        is full it stops reading, so TCP pushes back on the client. Reading
-        goes on until the connection ends, even once the session is closing,
-        so that trio-websocket finishes the close handshake.
+        The engine answers pings and close frames. On trio-websocket, its
+        reader task queues up to ``inbound_queue_size`` messages meanwhile;
+        on wsproto, ``get_message`` itself reads (see ``_wsproto_engine``).
+        Either way a client that sends faster than it is served meets TCP's
+        push-back. Reading goes on until the connection ends, even once the
+        session is closing, so that the close handshake finishes.
         """
-        ws, hub, counters = self._ws, self._hub, self._hub._counters
-        limit = self._config.max_inflight_per_session
-        slots = trio.Semaphore(limit) if limit > 1 else None
+        conn = self._conn
         with trio.CancelScope() as scope:
             self._dispatch_scope = scope
             if self._connection_gone:
@@ -472,35 +514,72 @@ class Session:
                 while True:
                     self._awaiting_message = True
                     try:
-                        message = await ws.get_message()
+                        message = await conn.get_message()
                     finally:
                         self._awaiting_message = False
-                    counters.messages_in += 1
-                    if self._close is not None:
-                        if self._backlog <= 0:
-                            counters.drops += 1  # arrived after the hub began closing it
-                            continue
-                        self._backlog -= 1
-                    counters.bytes_in += (
-                        len(message.encode()) if isinstance(message, str) else len(message)
-                    )
-                    self._dispatching = True
-                    try:
-                        if slots is None:
-                            await hub.on_handler_message(self, message)
-                        else:
-                            await slots.acquire()
-                            assert self._nursery is not None
-                            self._nursery.start_soon(self._dispatch_one, message, slots)
-                            self._tasks += 1
-                    finally:
-                        self._dispatching = False
-                        self._note_work_done()
-            except ConnectionClosed:
+                    await self._dispatch(message)
+            except ConnectionEnded:
                 pass
             finally:
                 self._backlog = 0
                 self._note_work_done()
+
+    def _messages_waiting(self) -> None:
+        """The engine holds client messages: start the dispatcher unless it runs.
+
+        The dispatcher ends when no message waits, so that an idle connection
+        is one task (the one reading).
+        """
+        if self._dispatcher_running or self._nursery is None:
+            return
+        try:
+            self._nursery.start_soon(self._dispatch_waiting)
+        except RuntimeError:  # the connection has ended
+            return
+        self._dispatcher_running = True
+
+    async def _dispatch_waiting(self) -> None:
+        """Hand each waiting message to the callback, in order, then end."""
+        conn = self._conn
+        with trio.CancelScope() as scope:
+            self._dispatch_scope = scope
+            if self._connection_gone:
+                self._connection_ended()
+            try:
+                while (message := conn.take_message_nowait()) is not None:
+                    await self._dispatch(message)
+            finally:
+                self._dispatch_scope = None
+                self._dispatcher_running = False
+                if scope.cancelled_caught:
+                    self._backlog = 0  # what is left is not processed any more
+                self._note_work_done()
+
+    async def _dispatch(self, message: str | bytes) -> None:
+        """Hand one client message to the callback (or count it as dropped)."""
+        counters = self._hub._counters
+        counters.messages_in += 1
+        if self._close is not None:
+            if self._backlog <= 0:
+                counters.drops += 1  # arrived after the hub began closing it
+                return
+            self._backlog -= 1
+        counters.bytes_in += len(message.encode()) if isinstance(message, str) else len(message)
+        self._dispatching = True
+        try:
+            if self._config.max_inflight_per_session == 1:
+                await self._hub.on_handler_message(self, message)
+            else:
+                slots = self._slots
+                if slots is None:
+                    slots = self._slots = trio.Semaphore(self._config.max_inflight_per_session)
+                await slots.acquire()
+                assert self._nursery is not None
+                self._nursery.start_soon(self._dispatch_one, message, slots)
+                self._tasks += 1
+        finally:
+            self._dispatching = False
+            self._note_work_done()
 
     async def _dispatch_one(self, message: str | bytes, slots: trio.Semaphore) -> None:
         try:
@@ -510,8 +589,8 @@ class Session:
             self._tasks -= 1
             self._note_work_done()
 
-    async def _write_loop(self) -> None:
-        recv, writer, hub = self._out_recv, self._writer, self._hub
+    async def _write_loop(self, recv: trio.MemoryReceiveChannel[Frame]) -> None:
+        writer, hub = self._writer, self._hub
         counters = hub._counters
         max_write = self._config.max_write_bytes
         try:
@@ -565,21 +644,29 @@ class Session:
             self._writer_done.set()
 
     async def _resume_inline_write(self) -> bool:
-        """Finish a frame written in part inline; False if the connection can't be written."""
+        """Finish a frame written in part inline (or held control frames).
+
+        Returns:
+            False if the connection can no longer be written.
+        """
+        rest, self._inline_rest = self._inline_rest, 0
         try:
             whole = await self._writer.resume()
         except BaseException:
-            self._hub._counters.drops += 1
+            self._hub._counters.drops += 1 if rest else 0
             raise
         finally:
             self._writing = False
         counters = self._hub._counters
         if not whole:
-            counters.drops += 1 + self._discard_queued()
-            self._out_recv.close()
+            counters.drops += (1 if rest else 0) + self._discard_queued()
+            if self._out_recv is not None:
+                self._out_recv.close()
             return False
+        if not rest:
+            return True
         counters.messages_out += 1
-        counters.bytes_out += self._inline_rest
+        counters.bytes_out += rest
         self.last_progress = trio.current_time()
         if self.pressured or self._hub._budget_waiters:
             self._hub._on_progress(self)
@@ -605,11 +692,11 @@ class Session:
         timeout = self._config.heartbeat_timeout
         try:
             with trio.move_on_after(timeout) as scope:
-                await self._ws.ping()
+                await self._conn.ping()
             if not scope.cancelled_caught:
                 return  # the pong came
-        except ConnectionClosed:
-            # trio-websocket has begun closing, and the session normally ends
+        except ConnectionEnded:
+            # The engine has begun closing, and the session normally ends
             # at once. If it is still here a timeout later, the close is stuck
             # (its answer waits behind a write to a client that stopped
             # reading): close it as one that does not answer.
@@ -634,22 +721,22 @@ class Session:
         if self._close is None:
             advance(self, Transition.CLOSE)
             self._close = _CloseRequest(CloseCode.SERVER_ERROR, "server error", drain=False)
-            self._out_send.close()
+            self._close_outbound()
         return self._close
 
     async def _close_after_failure(self) -> None:
         """Close with 1011 once an unexpected error ended the session's tasks.
 
-        trio-websocket's reader still runs, so the close handshake can finish.
+        The engine can still finish the close handshake.
         """
         request = self._fail()
         if self._writer.write_close_nowait(request.code, request.reason) is CloseWrite.BLOCKED:
-            await abort(self._ws)  # a close frame now could follow half a frame
+            await self._conn.abort()  # a close frame now could follow half a frame
             return
         with trio.move_on_after(self._config.close_timeout) as scope:
-            await self._ws.aclose(request.code, request.reason)
+            await self._conn.aclose(request.code, request.reason)
         if scope.cancelled_caught:
-            await abort(self._ws)
+            await self._conn.abort()
 
     async def _close_procedure(self) -> None:
         """Close the connection as ``_request_close`` asked.
@@ -679,22 +766,23 @@ class Session:
                 # Nothing can be offered any more: the session is unregistered
                 # and its callbacks are done. Without a drain, the writer stops
                 # after the write it is in.
-                self._out_send.close()
-                await self._writer_done.wait()
-            self._out_send.close()
+                self._close_outbound()
+                if self._writer_started:
+                    await self._writer_done.wait()
+            self._close_outbound()
             if (
-                not self._writer_done.done
+                self._writer_running
                 and self._writer.write_close_nowait(request.code, request.reason)
                 is CloseWrite.BLOCKED
             ):
                 # Closing the stream also ends the writer's blocked write.
-                await abort(self._ws)
+                await self._conn.abort()
                 return
             with trio.move_on_at(deadline + timeout) as scope:
-                await self._ws.aclose(request.code, request.reason)
-            if scope.cancelled_caught or not self._writer_done.done:
-                # Timed out, or trio-websocket thinks the connection is closed
+                await self._conn.aclose(request.code, request.reason)
+            if scope.cancelled_caught or self._writer_running:
+                # Timed out, or the engine thinks the connection is closed
                 # while our write is stuck on a client that stopped reading.
-                await abort(self._ws)
+                await self._conn.abort()
         finally:
             self._close_done.set()

@@ -1,4 +1,7 @@
-"""The one module that touches trio-websocket internals: server connections and fast writes.
+"""The trio-websocket engine, and the one module that touches trio-websocket internals.
+
+``TrioWebsocketUpgrade`` and ``TrioWebsocketConnection`` present trio-websocket's
+server behind the connection layer's interface (``_connection``).
 
 **Server connections.** ``open_server_connection`` builds trio-websocket's
 ``WebSocketConnection`` around an accepted stream with a wsproto connection of
@@ -50,11 +53,10 @@ If any of them is missing the hub falls back to the public API
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 from collections.abc import Callable, Generator
-from typing import Protocol
+from contextlib import suppress
 
 import trio
 import trio_websocket
@@ -64,10 +66,13 @@ from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection, Event, Message, Ping, Pong, RejectConnection
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
+from ._connection import CloseWrite, ConnectionEnded, FrameWriter, NoRequest
 from ._frames import Frame
 
 __all__ = [
     "TESTED_TRIO_WEBSOCKET",
+    "TrioWebsocketConnection",
+    "TrioWebsocketUpgrade",
     "abort",
     "CloseWrite",
     "FastWriter",
@@ -218,13 +223,6 @@ class ServerProtocol(WSConnection):
         return super().send(event)
 
 
-class NoRequest(enum.Enum):
-    """Why ``open_server_connection`` got no request to accept or reject."""
-
-    PEER_LEFT = enum.auto()  # closed, reset or broke TLS before its request was read
-    MALFORMED = enum.auto()  # not a WebSocket upgrade: wsproto answered 400 (or 426)
-
-
 class ServerConnection:
     """An accepted connection whose opening handshake was read.
 
@@ -305,57 +303,6 @@ async def open_server_connection(
         request = await ws._get_request()
         return ServerConnection(ws, request, protocol)
     return NoRequest.MALFORMED if protocol.handshake_error is not None else NoRequest.PEER_LEFT
-
-
-class CloseWrite(enum.Enum):
-    """What ``write_close_nowait`` did."""
-
-    SENT = enum.auto()  # the whole close frame went out, after a whole frame
-    # Not sent here, and no frame is half written: the close (or what is left
-    # of it) can go through trio-websocket's ``aclose``.
-    NOT_SENT = enum.auto()
-    BLOCKED = enum.auto()  # not sent: the socket is full or broken, or progress is unknown
-
-
-class FrameWriter(Protocol):
-    """Writes whole frames to one connection; used by that connection's writer task only."""
-
-    async def write(self, frames: list[Frame]) -> int:
-        """Write ``frames`` in order.
-
-        Returns:
-            How many of them went out whole. Fewer than ``len(frames)`` means
-            the connection can no longer be written to (closing or broken);
-            nothing more should be written then.
-        """
-        ...
-
-    @property
-    def exact(self) -> bool:
-        """True if it knows how much of each frame went out.
-
-        Then a close frame can follow a write that was cut off without
-        corrupting the stream.
-        """
-        ...
-
-    def write_nowait(self, frame: Frame) -> bool | None:
-        """Write one frame now from any task, if the socket takes it (see ``FastWriter``)."""
-        ...
-
-    async def resume(self) -> bool:
-        """Finish what ``write_nowait`` left half written (see ``FastWriter``)."""
-        ...
-
-    def write_close_nowait(self, code: int, reason: str) -> CloseWrite:
-        """Send a close frame now, without waiting, from outside the writer task.
-
-        Whatever the writer had half written is completed first, so the close
-        frame starts at a frame boundary. Called only while the writer task is
-        parked (idle, or waiting for the socket) or gone, and only before the
-        stream is closed. The writer writes nothing after it.
-        """
-        ...
 
 
 class PortableWriter:
@@ -650,3 +597,145 @@ def make_writer(ws: WebSocketConnection, *, fast: bool) -> FrameWriter:
             return FastWriter(ws)
         _warn_once("fast writer")
     return PortableWriter(ws)
+
+
+class TrioWebsocketConnection:
+    """trio-websocket's ``WebSocketConnection`` as a ``_connection.Connection``."""
+
+    __slots__ = ("_protocol", "_ws", "writer")
+
+    def __init__(self, ws: WebSocketConnection, protocol: ServerProtocol | None, *, fast: bool):
+        self._ws = ws
+        self._protocol = protocol
+        self.writer: FrameWriter = make_writer(ws, fast=fast)
+
+    @property
+    def on_end(self) -> Callable[[], None] | None:
+        """See ``Connection.on_end`` (it needs our ``ServerProtocol``; else never called)."""
+        return self._protocol.on_reader_end if self._protocol is not None else None
+
+    @on_end.setter
+    def on_end(self, callback: Callable[[], None] | None) -> None:
+        if self._protocol is not None:
+            self._protocol.on_reader_end = callback
+
+    @property
+    def ended(self) -> bool:
+        """See ``Connection.ended``."""
+        return self._ws.closed is not None
+
+    @property
+    def peer_code(self) -> int | None:
+        """The code trio-websocket recorded (1000 for every close it started itself)."""
+        closed = self._ws.closed
+        return closed.code if closed is not None else None
+
+    #: trio-websocket reads in a task of its own: the session pulls.
+    push = False
+
+    async def receive_messages(self, on_waiting: Callable[[], None]) -> None:
+        """Not used: see ``push``."""
+        raise NotImplementedError("trio-websocket's connections are read with get_message")
+
+    def take_message_nowait(self) -> str | bytes | None:
+        """Not used: see ``push``."""
+        return None
+
+    async def get_message(self) -> str | bytes:
+        """See ``Connection.get_message``."""
+        try:
+            return await self._ws.get_message()
+        except ConnectionClosed:
+            raise ConnectionEnded from None
+
+    async def ping(self) -> None:
+        """See ``Connection.ping``."""
+        try:
+            await self._ws.ping()
+        except ConnectionClosed:
+            raise ConnectionEnded from None
+
+    async def aclose(self, code: int, reason: str) -> None:
+        """See ``Connection.aclose``."""
+        await self._ws.aclose(code, reason)
+
+    async def abort(self) -> None:
+        """See ``Connection.abort``."""
+        await abort(self._ws)
+
+    def inbound_backlog(self) -> int:
+        """See ``Connection.inbound_backlog``."""
+        return inbound_backlog(self._ws)
+
+    def handed_over(self) -> bool:
+        """See ``Connection.handed_over``."""
+        return handed_over(self._ws)
+
+
+class TrioWebsocketUpgrade:
+    """trio-websocket's ``WebSocketRequest`` as a ``_connection.Upgrade``."""
+
+    __slots__ = ("_connection", "_fast")
+
+    def __init__(self, connection: ServerConnection, *, fast: bool) -> None:
+        self._connection = connection
+        self._fast = fast
+
+    @property
+    def path(self) -> str:
+        """See ``Upgrade.path``."""
+        return self._connection.request.path
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """See ``Upgrade.headers``."""
+        return list(self._connection.request.headers)
+
+    @property
+    def http_version(self) -> bytes | None:
+        """See ``Upgrade.http_version`` (unknown on the public-API fallback: taken as 1.1)."""
+        protocol = self._connection.protocol
+        return protocol.http_version if protocol is not None else b"1.1"
+
+    async def accept(self) -> TrioWebsocketConnection | None:
+        """See ``Upgrade.accept``."""
+        try:
+            ws = await self._connection.request.accept()
+        except ConnectionClosed:
+            return None
+        self._connection.ws = ws
+        return TrioWebsocketConnection(ws, self._connection.protocol, fast=self._fast)
+
+    async def reject(self, status: int, body: bytes) -> None:
+        """See ``Upgrade.reject``."""
+        with suppress(ConnectionClosed):  # the peer left; it was refused all the same
+            await self._connection.request.reject(
+                status,
+                extra_headers=[(b"content-type", b"text/plain; charset=utf-8")],
+                body=body,
+            )
+
+    async def aclose(self) -> None:
+        """End the close handshake (or a refusal), as trio-websocket's own server does."""
+        if self._connection.ws is not None:
+            await self._connection.ws.aclose()
+
+
+async def open_trio_websocket(
+    nursery: trio.Nursery,
+    stream: trio.abc.Stream,
+    *,
+    message_queue_size: int,
+    max_message_size: int,
+    fast: bool,
+) -> TrioWebsocketUpgrade | NoRequest:
+    """``open_server_connection``, as the connection layer's interface."""
+    connection = await open_server_connection(
+        nursery,
+        stream,
+        message_queue_size=message_queue_size,
+        max_message_size=max_message_size,
+    )
+    if isinstance(connection, NoRequest):
+        return connection
+    return TrioWebsocketUpgrade(connection, fast=fast)

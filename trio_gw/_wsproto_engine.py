@@ -1,0 +1,776 @@
+"""The default connection layer: trio streams driven through wsproto directly.
+
+trio-websocket runs a reader task per connection, a lock around every write
+and a queue between its reader and the application. This engine runs none of
+them; a connection is the task that uses it:
+
+* **Reading.** ``get_message`` reads the socket itself, feeds wsproto, and
+  answers what the client sends besides messages (pings, close frames,
+  protocol errors) on the spot. So an idle connection is one parked task: the
+  session's dispatcher, waiting in ``get_message``. While the dispatcher is in
+  a callback nothing reads that client: TCP pushes back on it, and the hub's
+  heartbeat does not ping it.
+* **Writing.** ``StreamWriter`` writes frames built once for every recipient
+  (``_frames``). The session's writer task is the only task that waits on the
+  socket. Anyone else (an inline write, a pong, a close frame) writes only with
+  a non-blocking send while that writer has nothing half written; a rest the
+  socket does not take is handed to the writer (``on_blocked``), and control
+  frames that come while a frame is half out are held and written right after
+  it, so no control frame ever lands inside a data frame.
+* **The handshake.** h11 reads the request (its limits apply); wsproto's
+  ``H11Handshake`` checks it and builds the 101 or the refusal. After the
+  handshake only wsproto's frame-level ``Connection`` is kept.
+* **permessage-deflate** (RFC 7692, ``HubConfig.compression``). The hub always
+  answers with ``server_no_context_takeover`` and ``client_no_context_takeover``:
+  each message is compressed on its own, so a message for many recipients is
+  compressed once (``Frame.deflated``), and no compressor or decompressor
+  outlives the message it works on. Inflating is bounded by
+  ``max_message_size``.
+
+Only public APIs of trio, h11 and wsproto are used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zlib
+from collections import deque
+from collections.abc import Callable
+from contextlib import suppress
+
+import h11
+import trio
+from wsproto import ConnectionType
+from wsproto.connection import Connection as WsprotoProtocol
+from wsproto.connection import ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    Pong,
+    RejectConnection,
+    RejectData,
+    TextMessage,
+)
+from wsproto.extensions import PerMessageDeflate
+from wsproto.frame_protocol import CloseReason
+from wsproto.handshake import H11Handshake
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+
+from ._close_codes import CloseCode
+from ._connection import CloseWrite, ConnectionEnded, NoRequest
+from ._frames import Frame
+
+__all__ = ["StreamWriter", "WsprotoConnection", "WsprotoUpgrade", "open_wsproto_connection"]
+
+logger = logging.getLogger("trio_gw")
+
+# One read takes at most this much; a client's bytes beyond it wait in the kernel.
+_RECEIVE_SIZE = 64 * 1024
+# h11's limit on a request head (its default); larger heads get 431/400.
+_MAX_REQUEST_HEAD = 16 * 1024
+# Messages shorter than this are sent uncompressed even when deflate is on:
+# compressing them costs more than the bytes it saves.
+DEFLATE_MIN_SIZE = 128
+# The window the client may compress with, when it lets us choose
+# (client_max_window_bits); inflating needs a window of 2**bits bytes.
+_CLIENT_WINDOW_BITS = 12
+
+
+class _BoundedDeflate(PerMessageDeflate):
+    """wsproto's permessage-deflate with inflating bounded by the message size limit.
+
+    wsproto inflates whatever a frame holds, so a small compressed frame could
+    expand to gigabytes; here a message that inflates past ``max_size`` fails
+    with 1009 as soon as it does.
+    """
+
+    def __init__(self, max_size: int) -> None:
+        super().__init__(
+            client_no_context_takeover=True,
+            client_max_window_bits=_CLIENT_WINDOW_BITS,
+            server_no_context_takeover=True,
+        )
+        self._max_size = max_size
+        self._inflated = 0
+
+    def accept(self, offer: str) -> bool | str | None:
+        """Accept an offer; only ask for ``client_max_window_bits`` if the client allows it."""
+        allows_client_bits = "client_max_window_bits" in offer
+        self._client_max_window_bits = _CLIENT_WINDOW_BITS if allows_client_bits else 15
+        answer = super().accept(offer)
+        if (
+            isinstance(answer, str)
+            and allows_client_bits
+            and "client_max_window_bits" not in answer
+        ):
+            answer += f"; client_max_window_bits={_CLIENT_WINDOW_BITS}"
+        return answer
+
+    @property
+    def deflate_bits(self) -> int:
+        """The window the server compresses with (what the client allowed)."""
+        return self.server_max_window_bits
+
+    def frame_inbound_payload_data(self, proto: object, data: bytes) -> bytes | CloseReason:
+        """Inflate at most what is left of ``max_size``."""
+        decompressor = self._decompressor
+        if not self._inbound_compressed or not self._inbound_is_compressible:
+            return data
+        if decompressor is None:  # pragma: no cover - wsproto made it in the header
+            return CloseReason.INTERNAL_ERROR
+        room = self._max_size - self._inflated + 1
+        try:
+            out = decompressor.decompress(bytes(data), room)
+        except zlib.error:
+            return CloseReason.INVALID_FRAME_PAYLOAD_DATA
+        self._inflated += len(out)
+        if decompressor.unconsumed_tail or self._inflated > self._max_size:
+            return CloseReason.MESSAGE_TOO_BIG
+        return out
+
+    def frame_inbound_complete(self, proto: object, fin: bool) -> bytes | CloseReason | None:
+        """The end of a frame: reset the count at the end of a message."""
+        result = super().frame_inbound_complete(proto, fin)  # type: ignore[arg-type]
+        if fin:
+            self._inflated = 0
+        return result
+
+
+class WsprotoUpgrade:
+    """A client's opening handshake, read with h11 and checked by wsproto."""
+
+    __slots__ = ("_compression", "_handshake", "_limits", "_request", "_stream", "_trailing")
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        request: h11.Request,
+        handshake: H11Handshake,
+        trailing: bytes,
+        limits: tuple[int, int],
+        compression: bool,
+    ) -> None:
+        self._stream = stream
+        self._request = request
+        self._handshake = handshake
+        self._trailing = trailing
+        self._limits = limits
+        self._compression = compression
+
+    @property
+    def path(self) -> str:
+        """See ``Upgrade.path``."""
+        return self._request.target.decode("ascii", "replace")
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """See ``Upgrade.headers``."""
+        return list(self._request.headers)
+
+    @property
+    def http_version(self) -> bytes | None:
+        """See ``Upgrade.http_version``."""
+        return self._request.http_version
+
+    async def accept(self) -> WsprotoConnection | None:
+        """See ``Upgrade.accept``."""
+        max_message_size, inbound_queue_size = self._limits
+        extensions = [_BoundedDeflate(max_message_size)] if self._compression else []
+        data = self._handshake.send(AcceptConnection(extensions=list(extensions)))
+        protocol = self._handshake.connection
+        assert protocol is not None
+        try:
+            await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return None
+        deflate = next((e for e in extensions if e.enabled()), None)
+        connection = WsprotoConnection(
+            self._stream,
+            protocol,
+            max_message_size=max_message_size,
+            inbound_queue_size=inbound_queue_size,
+            deflate_bits=deflate.deflate_bits if deflate is not None else None,
+        )
+        if self._trailing:
+            connection._feed(self._trailing)
+        return connection
+
+    async def reject(self, status: int, body: bytes) -> None:
+        """See ``Upgrade.reject``."""
+        handshake = self._handshake
+        head = handshake.send(
+            RejectConnection(
+                status_code=status,
+                headers=[
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+                has_body=True,
+            )
+        )
+        data = head + handshake.send(RejectData(data=body, body_finished=True))
+        await _send_quietly(self._stream, data)
+
+    async def aclose(self) -> None:
+        """Nothing to release: the hub closes the stream."""
+
+
+class StreamWriter:
+    """Writes pre-built frames to one connection; see the module docstring.
+
+    The same contract as ``_transport.FastWriter``: ``write`` is for the
+    session's writer task; ``write_nowait``, control frames and
+    ``write_close_nowait`` never wait.
+    """
+
+    __slots__ = (
+        "_batch",
+        "_busy",
+        "_cut_whole",
+        "_deflate_bits",
+        "_held",
+        "_sent",
+        "_socket",
+        "_stream",
+        "close_frame",
+        "on_blocked",
+    )
+
+    def __init__(self, stream: trio.abc.Stream, deflate_bits: int | None) -> None:
+        self._stream = stream
+        # Plain TCP (not TLS): writes go straight to the socket without waiting.
+        self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+        self._deflate_bits = deflate_bits
+        # While a write is half done: the frames being written and how many
+        # bytes of them went out.
+        self._batch: list[Frame] | None = None
+        self._sent = 0
+        self._cut_whole = 0
+        # Control frames (or the rest of one) waiting for a frame boundary.
+        self._held = b""
+        self._busy = False  # the writer task is in ``write`` or ``resume``
+        #: Called when bytes wait that only the writer task can write (it then
+        #: calls ``resume``): the session queues a resume for its writer.
+        self.on_blocked: Callable[[], None] | None = None
+        #: Frames a close (None if one went out already); set by the connection.
+        self.close_frame: Callable[[int, str], bytes | None] | None = None
+
+    @property
+    def exact(self) -> bool:
+        """See ``FrameWriter.exact``."""
+        return self._socket is not None
+
+    def _wire(self, frame: Frame) -> bytes:
+        bits = self._deflate_bits
+        return frame.wire if bits is None else frame.deflated(bits, DEFLATE_MIN_SIZE)
+
+    def _join(self, frames: list[Frame]) -> bytes:
+        if len(frames) == 1:
+            return self._wire(frames[0])
+        return b"".join([self._wire(f) for f in frames])
+
+    def write_nowait(self, frame: Frame) -> bool | None:
+        """See ``FastWriter.write_nowait``."""
+        sock = self._socket
+        if sock is None or self._busy or self._batch is not None or self._held:
+            return False
+        wire = self._wire(frame)
+        sent = _write_nowait(sock, wire)
+        if sent == len(wire):
+            return True
+        if sent <= 0:
+            return False  # full, or broken: the writer finds out
+        self._batch = [frame]
+        self._sent = sent
+        return None
+
+    def write_control_nowait(self, data: bytes) -> None:
+        """Write a control frame now if nothing is half written; else after that."""
+        sock = self._socket
+        if self._busy or self._batch is not None or self._held or sock is None:
+            self._held += data
+            if not self._busy:
+                self._blocked()
+            return
+        sent = _write_nowait(sock, data)
+        if 0 <= sent < len(data):
+            self._held = data[sent:]  # the rest goes before anything else
+            self._blocked()
+
+    def _blocked(self) -> None:
+        if self.on_blocked is not None:
+            self.on_blocked()
+
+    async def resume(self) -> bool:
+        """Finish what was left half written, then the held control frames.
+
+        Returns:
+            False if a frame ``write_nowait`` left half written could not be
+            finished (the connection can no longer be written), else True.
+        """
+        self._busy = True
+        try:
+            batch, whole = self._batch, True
+            if batch is not None:
+                data = self._wire(batch[0])
+                whole = await self._write_slowly(batch, data, self._sent) == 1
+            self._cut_whole = 0
+            await self._write_held()
+            return whole
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        finally:
+            self._busy = False
+
+    async def _write_held(self) -> None:
+        while self._held:
+            held, self._held = self._held, b""
+            await self._send_all(held)
+
+    async def _send_all(self, data: bytes) -> None:
+        sock = self._socket
+        if sock is None:
+            await self._stream.send_all(data)
+            return
+        view, sent = memoryview(data), 0
+        while sent < len(data):
+            n = _write_nowait(sock, view[sent:])
+            if n < 0:
+                raise trio.BrokenResourceError
+            sent += n
+            if sent < len(data):
+                await trio.lowlevel.wait_writable(sock)
+
+    async def write(self, frames: list[Frame]) -> int:
+        """See ``FrameWriter.write``."""
+        self._busy = True
+        try:
+            if self._held:
+                await self._write_held()
+            data = self._join(frames)
+            sock = self._socket
+            if sock is None:
+                await self._stream.send_all(data)
+                written = len(frames)
+            else:
+                sent = _write_nowait(sock, data)
+                if sent < 0:
+                    return 0
+                written = (
+                    len(frames)
+                    if sent == len(data)
+                    else await self._write_slowly(frames, data, sent)
+                )
+            if self._held:
+                await self._write_held()
+            return written
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            if self._batch is not frames:
+                return 0
+            self._batch = None
+            return _whole_frames(self, frames, self._sent)
+        finally:
+            self._busy = False
+
+    async def _write_slowly(self, frames: list[Frame], data: bytes, sent: int) -> int:
+        sock = self._socket
+        assert sock is not None
+        view = memoryview(data)
+        self._batch = frames
+        self._sent = sent
+        while sent < len(data):
+            # Raises ClosedResourceError once the stream is closed (an abort).
+            await trio.lowlevel.wait_writable(sock)
+            if self._batch is not frames:
+                whole, self._cut_whole = self._cut_whole, 0
+                return whole  # cut off by write_close_nowait
+            n = _write_nowait(sock, view[sent:])
+            if n < 0:
+                self._batch = None
+                return _whole_frames(self, frames, sent)
+            sent += n
+            self._sent = sent
+        self._batch = None
+        return len(frames)
+
+    def write_close_nowait(self, code: int, reason: str) -> CloseWrite:
+        """See ``FrameWriter.write_close_nowait``."""
+        sock, batch = self._socket, self._batch
+        if sock is None:
+            return CloseWrite.BLOCKED
+        if batch is None and self._busy:
+            return CloseWrite.BLOCKED  # the writer is writing held bytes: progress unknown
+        close_frame = self.close_frame(code, reason) if self.close_frame is not None else None
+        if close_frame is None:  # a close frame went out already
+            return CloseWrite.NOT_SENT if batch is None else CloseWrite.BLOCKED
+        rest = b""
+        if batch is not None:
+            # Finish the frame in progress, then stop: the writer writes
+            # nothing more of its batch.
+            whole = _whole_frames(self, batch, self._sent)
+            wires = [self._wire(f) for f in batch]
+            end = sum(len(w) for w in wires[: whole + 1])
+            rest = b"".join(wires)[self._sent : end]
+            self._batch = None
+            self._cut_whole = whole + (1 if rest else 0)
+        data = rest + self._held + close_frame
+        self._held = b""
+        if _write_nowait(sock, data) != len(data):
+            return CloseWrite.BLOCKED
+        return CloseWrite.SENT
+
+
+class WsprotoConnection:
+    """An open connection on wsproto; see the module docstring and ``Connection``."""
+
+    __slots__ = (
+        "_closed_event",
+        "_inbound_limit",
+        "_max_message_size",
+        "_messages",
+        "_parts",
+        "_peer_code",
+        "_pong",
+        "_protocol",
+        "_room",
+        "_size",
+        "_stream",
+        "ended",
+        "on_end",
+        "writer",
+    )
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        protocol: WsprotoProtocol,
+        *,
+        max_message_size: int,
+        inbound_queue_size: int,
+        deflate_bits: int | None,
+    ) -> None:
+        self._stream = stream
+        self._protocol = protocol
+        self._max_message_size = max_message_size
+        self.writer = StreamWriter(stream, deflate_bits)
+        self.writer.close_frame = self.close_frame
+        self.on_end: Callable[[], None] | None = None
+        #: True once the client closed, left or broke the protocol.
+        self.ended = False
+        self._peer_code: int | None = None
+        # Made on first use: an idle connection holds none of these.
+        self._messages: deque[str | bytes] | None = None
+        self._parts: list[str] | list[bytes] | None = None  # of a message still arriving
+        self._size = 0
+        self._pong: trio.Event | None = None
+        self._closed_event: trio.Event | None = None
+        self._inbound_limit = inbound_queue_size
+        self._room: trio.Event | None = None  # the reader waits for the queue to shrink
+
+    @property
+    def peer_code(self) -> int | None:
+        """See ``Connection.peer_code``."""
+        return self._peer_code
+
+    def inbound_backlog(self) -> int:
+        """See ``Connection.inbound_backlog``."""
+        return len(self._messages) if self._messages else 0
+
+    def handed_over(self) -> bool:
+        """Messages are never handed to a waiting task: they wait in ``_messages``."""
+        return False
+
+    #: The session's task reads (``receive_messages``); see ``Connection.push``.
+    push = True
+
+    async def receive_messages(self, on_waiting: Callable[[], None]) -> None:
+        """See ``Connection.receive_messages``."""
+        stream, limit = self._stream, self._inbound_limit
+        while not self.ended:
+            if self._messages is not None and len(self._messages) >= limit:
+                # Full: stop reading until the dispatcher takes one.
+                self._room = room = trio.Event()
+                await room.wait()
+                continue
+            try:
+                data = await stream.receive_some(_RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                self._end()
+                break
+            self._feed(data)
+            if self._messages:
+                on_waiting()
+        writer = self.writer
+        if not (writer._held or writer._busy or writer._batch is not None):
+            # The close frames went out (or the client left): the server closes
+            # TCP first (RFC 6455 7.1.1), while what the client sent before is
+            # still being processed.
+            with suppress(Exception):
+                await trio.aclose_forcefully(stream)
+
+    def take_message_nowait(self) -> str | bytes | None:
+        """See ``Connection.take_message_nowait``."""
+        messages = self._messages
+        if not messages:
+            return None
+        message = messages.popleft()
+        room = self._room
+        if room is not None:
+            self._room = None
+            room.set()
+        return message
+
+    async def get_message(self) -> str | bytes:
+        """Not used: see ``push``."""
+        raise NotImplementedError("wsproto connections are read with receive_messages")
+
+    def _feed(self, data: bytes | bytearray) -> None:
+        protocol = self._protocol
+        try:
+            protocol.receive_data(bytes(data))
+        except LocalProtocolError:  # bytes after the close handshake
+            self._end()
+            return
+        for event in protocol.events():
+            if isinstance(event, TextMessage | BytesMessage):
+                self._on_data(event.data, event.message_finished)
+            elif isinstance(event, Ping):
+                if protocol.state is ConnectionState.OPEN:
+                    self.writer.write_control_nowait(protocol.send(event.response()))
+            elif isinstance(event, Pong):
+                if self._pong is not None:
+                    self._pong.set()
+                    self._pong = None
+            elif isinstance(event, CloseConnection):
+                self._on_close(event)
+            if self.ended:
+                return
+
+    def _on_data(self, data: str | bytes | bytearray, finished: bool) -> None:
+        self._size += len(data)
+        if self._size > self._max_message_size:
+            self._fail(CloseCode.MESSAGE_TOO_BIG, "message too big")
+            return
+        chunk: str | bytes = data if isinstance(data, str) else bytes(data)
+        parts = self._parts
+        if finished:
+            message: str | bytes
+            if parts is None:
+                message = chunk
+            else:
+                parts.append(chunk)  # type: ignore[arg-type]
+                message = "".join(parts) if isinstance(chunk, str) else b"".join(parts)  # type: ignore[arg-type]
+                self._parts = None
+            self._size = 0
+            if self._messages is None:
+                self._messages = deque()
+            self._messages.append(message)
+        elif parts is None:
+            self._parts = [chunk]  # type: ignore[assignment]
+        else:
+            parts.append(chunk)  # type: ignore[arg-type]
+
+    def _on_close(self, event: CloseConnection) -> None:
+        protocol = self._protocol
+        state = protocol.state
+        if state is ConnectionState.OPEN:
+            # wsproto reports a frame it could not parse as a close event but
+            # stays OPEN: RFC 6455 7.1.7 asks for a close frame with the reason.
+            self._fail(event.code, event.reason or "")
+            return
+        self._peer_code = int(event.code)
+        if state is ConnectionState.REMOTE_CLOSING:
+            # The client began the close: answer with its code (RFC 6455 5.5.1).
+            self.writer.write_control_nowait(protocol.send(event.response()))
+        self._end()
+
+    def _fail(self, code: int, reason: str) -> None:
+        """The client broke the protocol: send ``code`` and stop reading."""
+        protocol = self._protocol
+        if protocol.state is ConnectionState.OPEN:
+            self.writer.write_control_nowait(protocol.send(CloseConnection(code, reason)))
+        self._peer_code = int(code)  # recorded as the connection's close code
+        self._end()
+
+    def _end(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        self._parts = None
+        if self._pong is not None:
+            self._pong.set()
+            self._pong = None
+        if self._closed_event is not None:
+            self._closed_event.set()
+        if self._room is not None:
+            self._room.set()
+            self._room = None
+        if self.on_end is not None:
+            self.on_end()
+
+    async def _wait_closed(self) -> None:
+        if self.ended:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._closed_event is None:
+            self._closed_event = trio.Event()
+        await self._closed_event.wait()
+
+    async def ping(self) -> None:
+        """See ``Connection.ping``."""
+        protocol = self._protocol
+        if self.ended or protocol.state is not ConnectionState.OPEN:
+            raise ConnectionEnded
+        if self._pong is None:
+            self._pong = trio.Event()
+        pong = self._pong
+        self.writer.write_control_nowait(protocol.send(Ping(b"trio-gw")))
+        await pong.wait()
+        if self.ended:
+            raise ConnectionEnded
+
+    def close_frame(self, code: int, reason: str) -> bytes | None:
+        """Frame a close, if one may still be sent; the protocol state moves on."""
+        protocol = self._protocol
+        if protocol.state not in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
+            return None
+        try:
+            return protocol.send(CloseConnection(code, reason))
+        except LocalProtocolError:  # pragma: no cover - guarded by the state check
+            return None
+
+    async def aclose(self, code: int, reason: str) -> None:
+        """See ``Connection.aclose``; the session's task reads the client's answer."""
+        writer = self.writer
+        frame = self.close_frame(code, reason)
+        if frame is not None:
+            writer._held += frame
+        if writer._held and not writer._busy:
+            try:
+                await writer.resume()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+        await self._wait_closed()
+
+    async def abort(self) -> None:
+        """See ``Connection.abort``."""
+        await trio.aclose_forcefully(self._stream)
+        self._end()
+
+
+async def open_wsproto_connection(
+    stream: trio.abc.Stream,
+    *,
+    max_message_size: int,
+    inbound_queue_size: int,
+    compression: bool,
+) -> WsprotoUpgrade | NoRequest:
+    """Read the opening handshake on ``stream`` (the caller bounds it with a timeout).
+
+    Returns:
+        The handshake to accept or refuse, or why there is none: the peer
+        left, or the request is no WebSocket upgrade (then it was answered 400,
+        or 426 for a wrong version).
+    """
+    http = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_REQUEST_HEAD)
+    while True:
+        try:
+            event = http.next_event()
+        except h11.RemoteProtocolError as exc:
+            await _refuse(stream, http, exc.error_status_hint, str(exc))
+            return NoRequest.MALFORMED
+        if event is h11.NEED_DATA:
+            try:
+                data = await stream.receive_some(_RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return NoRequest.PEER_LEFT
+            if not data:
+                return NoRequest.PEER_LEFT
+            http.receive_data(bytes(data))
+            continue
+        if isinstance(event, h11.Request):
+            break
+        return NoRequest.PEER_LEFT  # ConnectionClosed, or PAUSED before a request
+    handshake = H11Handshake(ConnectionType.SERVER)
+    try:
+        handshake.initiate_upgrade_connection(list(event.headers), event.target)
+        list(handshake.events())
+    except RemoteProtocolError as exc:
+        hint = exc.event_hint
+        if isinstance(hint, RejectConnection):
+            await _send_quietly(stream, _plain_response(hint.status_code, str(exc), hint.headers))
+        return NoRequest.MALFORMED
+    except (UnicodeError, ValueError) as exc:
+        # wsproto decodes Host (IDNA) and some headers without catching a bad value.
+        await _send_quietly(stream, _plain_response(400, f"undecodable header value ({exc})", []))
+        return NoRequest.MALFORMED
+    trailing, _ = http.trailing_data
+    return WsprotoUpgrade(
+        stream,
+        event,
+        handshake,
+        bytes(trailing),
+        (max_message_size, inbound_queue_size),
+        compression,
+    )
+
+
+def _plain_response(status: int, text: str, headers: list[tuple[bytes, bytes]]) -> bytes:
+    body = text.encode()
+    response = h11.Connection(h11.SERVER)
+    # h11 needs a request before it answers; a throw-away one for its framing.
+    response.receive_data(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+    response.next_event()
+    fields = [
+        *[(k, v) for k, v in headers if k.lower() not in (b"content-length", b"connection")],
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    head = response.send(h11.Response(status_code=status, headers=fields)) or b""
+    return (
+        head
+        + (response.send(h11.Data(data=body)) or b"")
+        + (response.send(h11.EndOfMessage()) or b"")
+    )
+
+
+async def _refuse(stream: trio.abc.Stream, http: h11.Connection, status: int, text: str) -> None:
+    if http.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        return
+    await _send_quietly(stream, _plain_response(status, f"bad request: {text}", []))
+
+
+async def _send_quietly(stream: trio.abc.Stream, data: bytes) -> None:
+    """Send ``data``; a peer that left meanwhile is ignored."""
+    with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await stream.send_all(data)
+
+
+def _whole_frames(writer: StreamWriter, frames: list[Frame], sent: int) -> int:
+    """How many of ``frames`` lie whole within their first ``sent`` bytes."""
+    whole, end = 0, 0
+    for frame in frames:
+        end += len(writer._wire(frame))
+        if end > sent:
+            break
+        whole += 1
+    return whole
+
+
+def _write_nowait(sock: trio.socket.SocketType, data: bytes | memoryview) -> int:
+    """Write what the socket takes now; the count, or -1 if it is closed or broken."""
+    fd = sock.fileno()
+    if fd < 0:
+        return -1
+    try:
+        return os.write(fd, data)
+    except BlockingIOError:
+        return 0
+    except OSError:
+        return -1
