@@ -22,6 +22,7 @@ SERVER_CORE, CLIENT_CORE = 0, 1
 
 SERVERS: dict[str, list[str]] = {
     "trio_gw": ["-m", "benchmarks.server_hub", "0"],
+    "trio_gw trio-websocket": ["-m", "benchmarks.server_hub", "0", "--engine", "trio-websocket"],
     "websockets": ["-m", "benchmarks.server_websockets", "0"],
     "trio-websocket naive": ["-m", "benchmarks.server_naive", "0"],
 }

@@ -1,4 +1,7 @@
-"""The trio_gw hub under test: ``python -m benchmarks.server_hub PORT [--writer fast|portable]``."""
+"""The trio_gw hub under test.
+
+``python -m benchmarks.server_hub PORT [--writer fast|portable] [--engine wsproto|trio-websocket]``
+"""
 
 from __future__ import annotations
 
@@ -56,7 +59,7 @@ async def control(hub: trio_gw.HandlerManager) -> None:
             sys.stdout.flush()
 
 
-async def main(port: int, writer: str) -> None:
+async def main(port: int, writer: str, engine: str | None) -> None:
     hub: trio_gw.HandlerManager
 
     async def on_message(reply: Any, handler: Session, decoded: Any) -> None:
@@ -67,12 +70,16 @@ async def main(port: int, writer: str) -> None:
             await hub.send_message_to_user_ids(users, push)
         await reply(handler, rpc_response(decoded))
 
+    # Without --engine the hub's default is used (an older checkout measured
+    # with --baseline has no engine setting).
+    extra: dict[str, Any] = {} if engine is None else {"engine": engine}
     config = HubConfig(
         port=port,
         writer=writer,
         max_connections=20_000,
         handshake_timeout=60,
         hub_queue_size=8192,
+        **extra,
     )
     async with (
         trio_gw.open_hub(
@@ -91,6 +98,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("port", type=int)
     parser.add_argument("--writer", default="fast", choices=["fast", "portable"])
+    parser.add_argument("--engine", default=None, choices=["wsproto", "trio-websocket"])
     args = parser.parse_args()
     raise_fd_limit()
-    trio.run(main, args.port, args.writer)
+    trio.run(main, args.port, args.writer, args.engine)

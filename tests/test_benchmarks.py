@@ -40,7 +40,7 @@ def test_harness_runs_every_scenario_against_every_server(tmp_path: Path) -> Non
         "slow_consumer",
         "burst",
     }
-    servers = {"trio_gw", "websockets", "trio-websocket naive"}
+    servers = {"trio_gw", "trio_gw trio-websocket", "websockets", "trio-websocket naive"}
     assert seen == {(s, v) for s in scenarios for v in servers}
     for row in rows:
         assert "error" not in row, row

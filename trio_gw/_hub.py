@@ -980,7 +980,9 @@ class HandlerManager:
                             config=config,
                         )
                         try:
-                            await session._run()
+                            # The wsproto engine runs no task of its own: the
+                            # session's tasks share the connection's nursery.
+                            await session._run(nursery if connection.push else None)
                         except* Exception as failure:
                             # The engine can still finish the close handshake:
                             # close with 1011.

@@ -473,27 +473,37 @@ class Session:
 
     # --- the session's own tasks ----------------------------------------------
 
-    async def _run(self) -> None:
-        """Run the connection until it ends; the caller unregisters afterwards."""
-        config = self._config
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            if self._close is not None:  # asked to close before the nursery existed
-                nursery.start_soon(self._close_procedure)
-            await self._hub._register_session(self)
-            if self._conn.push:
-                # This task reads; a dispatcher runs while messages wait.
-                await self._conn.receive_messages(self._messages_waiting)
-            else:
-                await self._read_loop()
-            if self._close is not None:
-                await self._close_done.wait()
-            # Messages the client sent before it left are still processed
-            # (their side effects may matter), but not for longer than a close
-            # may take; their replies are counted as drops.
-            with trio.move_on_after(config.close_timeout):
-                await self._wait_for_work()
-            nursery.cancel_scope.cancel()
+    async def _run(self, nursery: trio.Nursery | None = None) -> None:
+        """Run the connection until it ends; the caller unregisters afterwards.
+
+        The session's tasks run in ``nursery`` (the connection's own, which
+        this cancels at the end: every nursery costs memory on every idle
+        connection), or in one of its own.
+        """
+        if nursery is not None:
+            await self._run_in(nursery)
+            return
+        async with trio.open_nursery() as own:
+            await self._run_in(own)
+
+    async def _run_in(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        if self._close is not None:  # asked to close before the nursery existed
+            nursery.start_soon(self._close_procedure)
+        await self._hub._register_session(self)
+        if self._conn.push:
+            # This task reads; a dispatcher runs while messages wait.
+            await self._conn.receive_messages(self._messages_waiting)
+        else:
+            await self._read_loop()
+        if self._close is not None:
+            await self._close_done.wait()
+        # Messages the client sent before it left are still processed (their
+        # side effects may matter), but not for longer than a close may take;
+        # their replies are counted as drops.
+        with trio.move_on_after(self._config.close_timeout):
+            await self._wait_for_work()
+        nursery.cancel_scope.cancel()
 
     async def _read_loop(self) -> None:
         """Read the client's messages and hand each to the callback: the dispatcher.
