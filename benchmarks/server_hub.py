@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -101,4 +102,11 @@ if __name__ == "__main__":
     parser.add_argument("--engine", default=None, choices=["wsproto", "trio-websocket"])
     args = parser.parse_args()
     raise_fd_limit()
-    trio.run(main, args.port, args.writer, args.engine)
+    profile = os.environ.get("TRIO_GW_BENCH_PROFILE")
+    if profile:
+        # Profile the server: TRIO_GW_BENCH_PROFILE=out.prof python -m benchmarks ...
+        import cProfile
+
+        cProfile.run("trio.run(main, args.port, args.writer, args.engine)", profile)
+    else:
+        trio.run(main, args.port, args.writer, args.engine)

@@ -17,9 +17,9 @@ them; a connection is the task that uses it:
   socket does not take is handed to the writer (``on_blocked``), and control
   frames that come while a frame is half out are held and written right after
   it, so no control frame ever lands inside a data frame.
-* **The handshake.** h11 reads the request (its limits apply); wsproto's
-  ``H11Handshake`` checks it and builds the 101 or the refusal. After the
-  handshake only wsproto's frame-level ``Connection`` is kept.
+* **The handshake.** wsproto's ``H11Handshake`` (h11 under it, with its
+  limits) reads and checks the request, and builds the 101 or the refusal.
+  After the handshake only wsproto's frame-level ``Connection`` is kept.
 * **permessage-deflate** (RFC 7692, ``HubConfig.compression``). The hub always
   answers with ``server_no_context_takeover`` and ``client_no_context_takeover``:
   each message is compressed on its own, so a message for many recipients is
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import zlib
 from collections import deque
 from collections.abc import Callable
@@ -52,6 +53,7 @@ from wsproto.events import (
     Pong,
     RejectConnection,
     RejectData,
+    Request,
     TextMessage,
 )
 from wsproto.extensions import PerMessageDeflate
@@ -69,7 +71,8 @@ logger = logging.getLogger("trio_gw")
 
 # One read takes at most this much; a client's bytes beyond it wait in the kernel.
 _RECEIVE_SIZE = 64 * 1024
-# h11's limit on a request head (its default); larger heads get 431/400.
+# h11 refuses a request head larger than this (its default) with 400; only
+# this much of what was read is kept, to find the request line and its end.
 _MAX_REQUEST_HEAD = 16 * 1024
 # Messages shorter than this are sent uncompressed even when deflate is on:
 # compressing them costs more than the bytes it saves.
@@ -141,18 +144,27 @@ class _BoundedDeflate(PerMessageDeflate):
 
 # What a handshake holds once the connection is accepted (see ``_release``).
 _SPENT_HANDSHAKE = H11Handshake(ConnectionType.SERVER)
-_SPENT_REQUEST = h11.Request(method="GET", target="/", headers=[("host", "-")])
+_SPENT_REQUEST = Request(host="-", target="/")
 
 
 class WsprotoUpgrade:
     """A client's opening handshake, read with h11 and checked by wsproto."""
 
-    __slots__ = ("_compression", "_handshake", "_limits", "_request", "_stream", "_trailing")
+    __slots__ = (
+        "_compression",
+        "_handshake",
+        "_http_version",
+        "_limits",
+        "_request",
+        "_stream",
+        "_trailing",
+    )
 
     def __init__(
         self,
         stream: trio.abc.Stream,
-        request: h11.Request,
+        request: Request,
+        http_version: bytes | None,
         handshake: H11Handshake,
         trailing: bytes,
         limits: tuple[int, int],
@@ -160,6 +172,7 @@ class WsprotoUpgrade:
     ) -> None:
         self._stream = stream
         self._request = request
+        self._http_version = http_version
         self._handshake = handshake
         self._trailing = trailing
         self._limits = limits
@@ -168,17 +181,17 @@ class WsprotoUpgrade:
     @property
     def path(self) -> str:
         """See ``Upgrade.path``."""
-        return self._request.target.decode("ascii", "replace")
+        return self._request.target
 
     @property
     def headers(self) -> list[tuple[bytes, bytes]]:
         """See ``Upgrade.headers``."""
-        return list(self._request.headers)
+        return list(self._request.extra_headers)
 
     @property
     def http_version(self) -> bytes | None:
         """See ``Upgrade.http_version``."""
-        return self._request.http_version
+        return self._http_version
 
     async def accept(self) -> WsprotoConnection | None:
         """See ``Upgrade.accept``."""
@@ -718,29 +731,23 @@ async def open_wsproto_connection(
         left, or the request is no WebSocket upgrade (then it was answered 400,
         or 426 for a wrong version).
     """
-    http = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_REQUEST_HEAD)
-    while True:
-        try:
-            event = http.next_event()
-        except h11.RemoteProtocolError as exc:
-            await _refuse(stream, http, exc.error_status_hint, str(exc))
-            return NoRequest.MALFORMED
-        if event is h11.NEED_DATA:
+    handshake = H11Handshake(ConnectionType.SERVER)
+    head = b""  # what was read, up to a little past the request head
+    request: Request | None = None
+    try:
+        while request is None:
             try:
                 data = await stream.receive_some(_RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return NoRequest.PEER_LEFT
             if not data:
                 return NoRequest.PEER_LEFT
-            http.receive_data(bytes(data))
-            continue
-        if isinstance(event, h11.Request):
-            break
-        return NoRequest.PEER_LEFT  # ConnectionClosed, or PAUSED before a request
-    handshake = H11Handshake(ConnectionType.SERVER)
-    try:
-        handshake.initiate_upgrade_connection(list(event.headers), event.target)
-        list(handshake.events())
+            if len(head) <= _MAX_REQUEST_HEAD:
+                head += data
+            handshake.receive_data(bytes(data))
+            for event in handshake.events():
+                if isinstance(event, Request):
+                    request = event
     except RemoteProtocolError as exc:
         hint = exc.event_hint
         if isinstance(hint, RejectConnection):
@@ -750,15 +757,25 @@ async def open_wsproto_connection(
         # wsproto decodes Host (IDNA) and some headers without catching a bad value.
         await _send_quietly(stream, _plain_response(400, f"undecodable header value ({exc})", []))
         return NoRequest.MALFORMED
-    trailing, _ = http.trailing_data
+    # wsproto keeps what a client sent after its request (RFC 6455 4.1 says
+    # it must wait for the 101, but nothing it sends is lost silently): it
+    # follows the blank line that ends the head (h11 also takes a bare LF).
+    end = _HEAD_END.search(head)
+    trailing = head[end.end() :] if end is not None else b""
+    request_line = head.split(b"\n", 1)[0].rstrip(b"\r")
+    version = request_line.rpartition(b" HTTP/")[2] or None
     return WsprotoUpgrade(
         stream,
-        event,
+        request,
+        version,
         handshake,
-        bytes(trailing),
+        trailing,
         (max_message_size, inbound_queue_size),
         compression,
     )
+
+
+_HEAD_END = re.compile(rb"\n\r?\n")
 
 
 def _plain_response(status: int, text: str, headers: list[tuple[bytes, bytes]]) -> bytes:
@@ -779,12 +796,6 @@ def _plain_response(status: int, text: str, headers: list[tuple[bytes, bytes]]) 
         + (response.send(h11.Data(data=body)) or b"")
         + (response.send(h11.EndOfMessage()) or b"")
     )
-
-
-async def _refuse(stream: trio.abc.Stream, http: h11.Connection, status: int, text: str) -> None:
-    if http.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-        return
-    await _send_quietly(stream, _plain_response(status, f"bad request: {text}", []))
 
 
 async def _send_quietly(stream: trio.abc.Stream, data: bytes) -> None:
