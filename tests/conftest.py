@@ -9,7 +9,7 @@ Rules for this suite :
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -32,6 +32,24 @@ def engine(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+#: The engine ``running_hub`` (and the gateway processes of the hostile tests)
+#: use unless told otherwise; ``each_engine`` changes it.
+ENGINE_UNDER_TEST = [HubConfig().engine]
+
+
+@pytest.fixture(params=ENGINES)
+def each_engine(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run a whole module on each engine.
+
+    Use: ``pytestmark = pytest.mark.usefixtures("each_engine")``.
+    """
+    ENGINE_UNDER_TEST[0] = str(request.param)
+    try:
+        yield ENGINE_UNDER_TEST[0]
+    finally:
+        ENGINE_UNDER_TEST[0] = HubConfig().engine
+
+
 @asynccontextmanager
 async def running_hub(
     callback: MessageCallback | None = None,
@@ -40,6 +58,7 @@ async def running_hub(
     **config: Any,
 ) -> AsyncIterator[tuple[HandlerManager, str]]:
     """A hub served on 127.0.0.1 at a free port; yields (hub, "ws://127.0.0.1:PORT")."""
+    config.setdefault("engine", ENGINE_UNDER_TEST[0])
     hub_config = HubConfig(host="127.0.0.1", port=0, **config)
     async with (
         open_hub("test", "node1", callback, config=hub_config, authorizer=authorizer) as hub,

@@ -31,6 +31,9 @@ from trio_gw._frames import Frame
 
 from .conftest import TIMEOUT, client, running_hub, wait_for
 
+# Hostile clients, closes and slow consumers: on each engine (see conftest).
+pytestmark = pytest.mark.usefixtures("each_engine")
+
 KIB = 1024
 PAD = "x" * 1000  # a message of about 1 KiB
 

@@ -43,7 +43,10 @@ from trio_gw import HandlerManager, HubStatistics, Reply, Session, echo_backend
 from trio_gw._frames import encode_frame
 
 from ._gateway_support import GatewayProcess, gateway_process, http_backend, write_config
-from .conftest import TIMEOUT, client, receive_json, running_hub, wait_for
+from .conftest import ENGINE_UNDER_TEST, TIMEOUT, client, receive_json, running_hub, wait_for
+
+# Hostile clients, closes and slow consumers: on each engine (see conftest).
+pytestmark = pytest.mark.usefixtures("each_engine")
 
 KINDS = ["hub", "process"]
 TEXT, CONTINUATION, CLOSE, PING = 0x1, 0x0, 0x8, 0x9
@@ -240,6 +243,7 @@ async def open_target(
             hub, url = await stack.enter_async_context(running_hub(callback, **hub_config))
             t = Target(url, hub=hub)
         else:
+            hub_config.setdefault("engine", ENGINE_UNDER_TEST[0])
             table = "".join(f"{k} = {orjson.dumps(v).decode()}\n" for k, v in hub_config.items())
             config = write_config(tmp_path, f"[hub]\n{table}")
             process = gateway_process("--config", str(config), *args)

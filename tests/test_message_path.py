@@ -27,6 +27,9 @@ from .conftest import TIMEOUT, client, running_hub, wait_for
 from .test_hostile import RawClient, frame
 from .test_session import port_of
 
+# Hostile clients, closes and slow consumers: on each engine (see conftest).
+pytestmark = pytest.mark.usefixtures("each_engine")
+
 
 async def test_a_frame_written_inline_ends_the_wait_it_caused() -> None:
     """A queue of one message (high water 0), or a frame over half the byte bound: the

@@ -28,6 +28,9 @@ from trio_gw import CloseCode
 
 from .conftest import TIMEOUT, client, running_hub, wait_for
 
+# Hostile clients, closes and slow consumers: on each engine (see conftest).
+pytestmark = pytest.mark.usefixtures("each_engine")
+
 
 class RawClient:
     """A WebSocket client built from wsproto over a trio TCP stream: nothing automatic."""
