@@ -33,11 +33,17 @@ registry (``connections`` and ``handshakes_in_progress`` back to 0 within
 must not have grown, and the log must hold no traceback. At the end the
 process must shut down cleanly on SIGTERM.
 
+Both connection layers are fuzzed, one pass each with its own gateway
+(``TRIO_GW_ENGINE``): ``--examples`` is split evenly between them, the first
+engine gets ``--seed`` and the next ``--seed + 1`` (so together they send
+different inputs), and each pass is checked and reported on its own.
+``--engine`` fuzzes one of them only, with every example.
+
 Examples are generated from a fixed seed (``--seed`` to explore others), so
 every run sends the same inputs; timing still varies, and a finding that
 depends on it is reported as flaky. A failure prints the client side of the
-failing connection (every chunk, close/all and ending) and the gateway's log
-tail.
+failing connection (every chunk, close/all and ending), the gateway's log
+tail, and the command that runs that engine's pass again.
 """
 
 from __future__ import annotations
@@ -76,6 +82,8 @@ from wsproto.events import (
     TextMessage,
 )
 from wsproto.frame_protocol import FrameProtocol
+
+from trio_gw._config import ENGINES
 
 SEED = 20261125
 HANDSHAKE_TIMEOUT = 1.0
@@ -125,13 +133,14 @@ class Gateway:
     reader: threading.Thread
 
     @classmethod
-    def start(cls) -> Gateway:
+    def start(cls, engine: str) -> Gateway:
+        """A dev-mode gateway with the fuzzer's settings, on connection layer ``engine``."""
         trio_gw = str(Path(sys.executable).with_name("trio-gw"))
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRIO_GW_")}
         process = subprocess.Popen(
             [trio_gw, "serve", "--port", "0", "--admin-port", "0", "--log-level", "INFO"],
             stderr=subprocess.PIPE,
-            env={**env, **GATEWAY_ENV},
+            env={**env, **GATEWAY_ENV, "TRIO_GW_ENGINE": engine},
             encoding="utf-8",
             errors="replace",
         )
@@ -1153,17 +1162,14 @@ def make_tests(fuzzer: Fuzzer, examples: int, fuzz_seed: int) -> list[Callable[[
     return [fuzz_handshakes, fuzz_frames]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--examples", type=int, default=600, help="examples in all (default 600)")
-    parser.add_argument("--seed", type=int, default=SEED, help=f"hypothesis seed ({SEED})")
-    args = parser.parse_args(argv)
+def fuzz_engine(engine: str, examples: int, fuzz_seed: int) -> bool:
+    """One pass against a gateway on ``engine``; prints its report. True if nothing was found."""
     started = time.monotonic()
-    gateway = Gateway.start()
+    gateway = Gateway.start(engine)
     fuzzer = Fuzzer(gateway)
     failed: BaseException | None = None
     try:
-        for test in make_tests(fuzzer, args.examples, args.seed):
+        for test in make_tests(fuzzer, examples, fuzz_seed):
             test()
         stats = fuzzer.wait_until_empty()
         fuzzer.tally.trace[:] = ["(after all examples)"]
@@ -1176,7 +1182,8 @@ def main(argv: list[str] | None = None) -> int:
     tracebacks = sum("Traceback" in line for line in gateway.log)
     tally = fuzzer.tally
     print(
-        f"protocol fuzz: {sum(tally.examples.values())} examples ({dict(tally.examples)}), "
+        f"protocol fuzz, engine {engine}, seed {fuzz_seed}: "
+        f"{sum(tally.examples.values())} examples ({dict(tally.examples)}), "
         f"{tally.connections} fuzz connections, {tally.bytes_sent} bytes sent, "
         f"{tally.close_alls} server-initiated closes, {time.monotonic() - started:.1f}s",
         f"answers: {dict(tally.statuses)}",
@@ -1191,8 +1198,44 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{fuzzer.report}\nFAILED: {repr(failed)[:1000]}", file=sys.stderr)
         elif exit_code != 0 or tracebacks:
             print("".join(gateway.log[-200:]), file=sys.stderr)
-        return 1
-    return 0
+        print(
+            f"engine {engine} FAILED; again with: python tests/fuzz_protocol.py "
+            f"--engine {engine} --examples {examples} --seed {fuzz_seed}",
+            file=sys.stderr,
+        )
+        return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--examples",
+        type=int,
+        default=600,
+        help="examples in all, split evenly between the engines (default 600)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=SEED,
+        help=f"hypothesis seed of the first engine; the second gets seed + 1 ({SEED})",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=[*ENGINES, "all"],
+        default="all",
+        help="the connection layer to fuzz (hub.engine); default all, one pass each",
+    )
+    args = parser.parse_args(argv)
+    engines = ENGINES if args.engine == "all" else (args.engine,)
+    per_engine = max(1, args.examples // len(engines))
+    passed = {
+        engine: fuzz_engine(engine, per_engine, args.seed + n) for n, engine in enumerate(engines)
+    }
+    outcomes = (f"{engine} {'ok' if ok else 'FAILED'}" for engine, ok in passed.items())
+    print("protocol fuzz:", ", ".join(outcomes))
+    return 0 if all(passed.values()) else 1
 
 
 if __name__ == "__main__":

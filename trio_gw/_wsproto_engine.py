@@ -516,6 +516,8 @@ class WsprotoConnection:
     async def receive_messages(self, on_waiting: Callable[[], None]) -> None:
         """See ``Connection.receive_messages``."""
         limit = self._inbound_limit
+        if self._messages:
+            on_waiting()  # sent with the request (see ``open_wsproto_connection``)
         while not self.ended:
             if self._messages is not None and len(self._messages) >= limit:
                 # Full: stop reading until the dispatcher takes one.
