@@ -15,6 +15,8 @@ def test_defaults_are_sane() -> None:
     assert config.port == 8765
     assert config.heartbeat_interval > 0
     assert config.writer == "fast"
+    assert config.engine == "wsproto"
+    assert config.compression is False
 
 
 @pytest.mark.parametrize(
@@ -26,6 +28,8 @@ def test_defaults_are_sane() -> None:
         ("heartbeat_timeout", 0, "heartbeat_timeout"),
         ("heartbeat_interval", float("nan"), "heartbeat_interval"),
         ("writer", "turbo", "writer: expected 'fast' or 'portable'"),
+        ("engine", "asyncio", "engine: expected 'wsproto' or 'trio-websocket'"),
+        ("compression", "maybe", "compression: expected true or false"),
         ("allowed_origins", ["example.com"], "allowed_origins"),
     ],
 )
@@ -34,6 +38,13 @@ def test_bad_values_name_the_field(field: str, value: object, words: str) -> Non
         HubConfig.from_mapping({field: value})
     with pytest.raises(ConfigError, match=field):
         HubConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_compression_needs_the_wsproto_engine() -> None:
+    """trio-websocket cannot negotiate permessage-deflate: asking for both is an error."""
+    with pytest.raises(ConfigError, match="compression: permessage-deflate needs engine 'wsproto'"):
+        HubConfig.from_mapping({"engine": "trio-websocket", "compression": True})
+    assert HubConfig.from_mapping({"engine": "wsproto", "compression": "true"}).compression
 
 
 def test_unknown_key_and_wrong_type_are_named() -> None:

@@ -57,6 +57,13 @@ def _bool(v: Any) -> bool:
     return isinstance(v, bool)
 
 
+def _compression_needs_wsproto(config: Any, compression: bool) -> None:
+    if compression and config.engine != "wsproto":
+        raise ConfigError(
+            f"compression: permessage-deflate needs engine 'wsproto' (engine is {config.engine!r})"
+        )
+
+
 #: The connection layers a hub can run on (``HubConfig.engine``).
 ENGINES = ("wsproto", "trio-websocket")
 
@@ -185,7 +192,13 @@ class HubConfig:
     )
     #: Offer permessage-deflate (RFC 7692) to clients that ask for it (wsproto
     #: engine only). Costs memory per compressing connection; see the README.
-    compression: bool = attrs.field(default=False, validator=_check(_bool, "true or false"))
+    compression: bool = attrs.field(
+        default=False,
+        validator=[
+            _check(_bool, "true or false"),
+            lambda c, a, v: _compression_needs_wsproto(c, v),
+        ],
+    )
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> HubConfig:

@@ -1320,10 +1320,12 @@ async def serve_hub(
         for listener in listeners:
             nursery.start_soon(hub._accept_loop, listener)
         logger.info(
-            "WebSocket clients on %s (hub %s, service %s)",
+            "WebSocket clients on %s (hub %s, service %s, engine %s%s)",
             listen_urls(scheme, addresses),
             hub.instance_id,
             hub.service_name,
+            hub.config.engine,
+            ", permessage-deflate" if hub.config.compression else "",
         )
         task_status.started(addresses[0][1])
         await trio.sleep_forever()
