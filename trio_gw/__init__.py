@@ -32,6 +32,7 @@ from ._statistics import HubStatistics as HubStatistics
 from .gateway import AdminConfig as AdminConfig
 from .gateway import AuthConfig as AuthConfig
 from .gateway import BackendConfig as BackendConfig
+from .gateway import BackplaneConfig as BackplaneConfig
 from .gateway import GatewayConfig as GatewayConfig
 from .gateway import LogConfig as LogConfig
 from .gateway import TlsConfig as TlsConfig
@@ -75,6 +76,7 @@ __all__ = [
     "AuthConfig",
     "AuthRefused",
     "Authorizer",
+    "BackplaneConfig",
     "BackplaneStatistics",
     "BackplaneUnavailable",
     "CloseCode",

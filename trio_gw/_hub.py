@@ -38,6 +38,7 @@ from ._errors import (
 )
 from ._frames import Frame, encode_frame
 from ._lifecycle import Lifecycle, Transition, advance
+from ._listeners import open_tcp_listeners
 from ._origins import OriginPolicy
 from ._presence import Presence
 from ._registry import Registry
@@ -1348,12 +1349,14 @@ async def serve_hub(
             f"host: dev mode (token = user id, no real auth) binds loopback only, got {host!r}"
         )
     listeners: list[trio.SocketListener] | list[trio.SSLListener[trio.SocketStream]]
+    tcp_listeners = await open_tcp_listeners(port, host=host, reuse_port=hub.config.reuse_port)
     if ssl_context is None:
-        listeners = await trio.open_tcp_listeners(port, host=host)
+        listeners = tcp_listeners
     else:
-        listeners = await trio.open_ssl_over_tcp_listeners(
-            port, ssl_context, host=host, https_compatible=True
-        )
+        listeners = [
+            trio.SSLListener(listener, ssl_context, https_compatible=True)
+            for listener in tcp_listeners
+        ]
     addresses = [_listener_address(listener) for listener in listeners]
     scheme = "ws" if ssl_context is None else "wss"
     async with trio.open_nursery() as nursery:
