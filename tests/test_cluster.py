@@ -246,3 +246,31 @@ async def _equals(value: Awaitable[Any], expected: Any) -> bool:
 
 async def _not(value: Awaitable[bool]) -> bool:
     return not await value
+
+
+def test_the_cluster_example_runs_as_the_readme_shows() -> None:
+    """examples/cluster/run.py, run as the README's "Running a cluster" shows it."""
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    block = re.search(r"```console\n\$ (python examples/cluster/run.py)\n(.*?)```", readme, re.S)
+    assert block, "README lost its cluster example"
+    command, printed = block.group(1), block.group(2)
+    result = subprocess.run(
+        [sys.executable, *command.split()[1:]],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+    def nodes_unnamed(text: str) -> str:
+        # The kernel picks the node that takes the client; the rest follows from it.
+        return re.sub(r"\bn[123]\b", "n?", text)
+
+    assert nodes_unnamed(result.stdout) == nodes_unnamed(printed)
