@@ -7,6 +7,8 @@ sockets, no mocks; every test under ``trio.fail_after``; no timing thresholds
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -285,3 +287,27 @@ async def test_sharded_pub_sub_on_a_redis_cluster(valkey_cluster: list[ValkeySer
 async def _hold(url: str, user: str, _scope: trio.CancelScope) -> None:
     async with client(url, user):
         await trio.sleep_forever()
+
+
+async def test_a_stalled_server_never_blocks_the_sender(valkey: ValkeyServer) -> None:
+    """Redis stops answering (SIGSTOP): sends go on locally, the bounded queue drops the rest."""
+    assert valkey.process is not None
+    with trio.fail_after(TIMEOUT):
+        async with (
+            node("n1", valkey.url, publish_queue_size=5, reconnect_max=0.2) as (hub1, bp1, url1),
+            client(url1, "zoe") as (zoe, _),
+        ):
+            await settled(bp1)
+            os.kill(valkey.process.pid, signal.SIGSTOP)
+            try:
+                for i in range(100):
+                    await hub1.send_message_to_user_ids(["zoe"], i)
+                assert [await receive_json(zoe) for _ in range(100)] == list(range(100))
+                # At most one batch in flight and five queued; the rest dropped, counted.
+                assert bp1.statistics().publish_drops >= 94
+                assert bp1.statistics().queued_publishes <= 5
+            finally:
+                os.kill(valkey.process.pid, signal.SIGCONT)
+            await settled(bp1)
+            await hub1.send_message_to_user_ids(["zoe"], "again")
+            assert await zoe.get_message() == "again"
