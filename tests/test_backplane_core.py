@@ -18,6 +18,7 @@ from trio_gw._backplane_core import (
     Subscriptions,
     decode_envelope,
     encode_envelope,
+    envelope_origin,
     route,
 )
 from trio_gw._frames import encode_frame
@@ -49,6 +50,14 @@ def test_a_delivery_crosses_with_the_same_wire_bytes(origin, target, message) ->
     assert decoded.frame.wire == frame.wire
     assert decoded.frame.data == frame.data
     assert decoded.frame.is_text == frame.is_text
+
+
+@given(origin=ids, target=targets, message=messages)
+def test_the_origin_is_read_without_decoding(origin, target, message) -> None:
+    data = encode_envelope(origin, BackplaneDeliver(target, encode_frame(message)))
+    assert envelope_origin(data) == origin
+    assert envelope_origin(data[:5]) is None
+    assert envelope_origin(b"nope") is None
 
 
 @given(origin=ids, target=targets, code=st.integers(1000, 4999), reason=st.text(max_size=100))

@@ -40,6 +40,7 @@ __all__ = [
     "Subscriptions",
     "decode_envelope",
     "encode_envelope",
+    "envelope_origin",
     "route",
 ]
 
@@ -216,6 +217,23 @@ def decode_envelope(data: bytes) -> tuple[str, BackplaneMessage]:
             raise EnvelopeError(f"close reason is not UTF-8: {exc}") from None
         return origin, BackplaneClose(target, code, reason)
     raise EnvelopeError(f"unknown message kind {kind}")
+
+
+def envelope_origin(data: bytes) -> str | None:
+    """The origin node id of an envelope, read without decoding the rest; None if unreadable.
+
+    A node subscribed to a user's channel hears its own publishes to that user
+    too (pub/sub has no "not to myself"); this tells them apart cheaply.
+    """
+    if data[:2] != _MAGIC or len(data) < 6:
+        return None
+    end = 6 + int(_U16.unpack_from(data, 4)[0])
+    if end > len(data):
+        return None
+    try:
+        return data[6:end].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 def route(

@@ -55,6 +55,7 @@ from ._backplane_core import (
     PublishQueue,
     Subscriptions,
     decode_envelope,
+    envelope_origin,
     route,
 )
 from ._errors import BackplaneUnavailable, ConfigError, GatewayError
@@ -376,8 +377,10 @@ class RedisBackplane:
                 gone = [n for n, value in zip(others, values, strict=True) if value is None]
                 if gone:
                     await client.srem(names.nodes, gone)
-        except (coredis.exceptions.RedisError, TimeoutError, trio.TooSlowError) as exc:
-            raise BackplaneUnavailable(f"backplane: presence query failed: {exc!r}") from None
+        except Exception as exc:  # whatever broke, presence is unavailable: say why
+            raise BackplaneUnavailable(
+                f"backplane: presence query failed: {_describe(exc)}"
+            ) from None
         result: dict[str, dict[str, int]] = {}
         for node, value in zip(others, values, strict=True):
             if value is None:
@@ -580,6 +583,10 @@ class RedisBackplane:
                 if self._stopping:
                     with trio.move_on_after(1):
                         await self._leave_presence(client)
+                    # Nothing to unsubscribe from: the connection closes. (coredis
+                    # 6.9's pub/sub clean-up would otherwise wait for its whole
+                    # unsubscription_timeout, however fast the server answers.)
+                    pubsub.channels.clear()
 
     def _announce_up(self) -> None:
         mode = "Redis Cluster, sharded pub/sub" if self._cluster else "pub/sub"
@@ -641,6 +648,8 @@ class RedisBackplane:
             if message is None or message["type"] != "message":
                 continue
             data = message["data"]
+            if envelope_origin(data) == node_id:
+                continue  # this node's own publish, already delivered locally
             try:
                 origin, decoded = decode_envelope(data)
             except EnvelopeError as exc:
