@@ -6,6 +6,8 @@ Scenarios (each against a single node first, then across two nodes):
   node. Cross: every client on node B, the sends made on node A, so that every
   delivery crosses the backplane.
 * ``to_users``: ``send_message_to_user_ids`` with 10 users a call, the same way.
+* ``rpc_fanout``: per-request fan-out: clients' requests (on node A) each push
+  to 10 users, whose sessions are on node B (on one node: all on it).
 * ``latency``: a paced ``fanout`` (``rate`` messages a second), so that the
   delivery latency p50/p99 is the path's, not a queue's.
 
@@ -180,6 +182,83 @@ def run_cross(
     }
 
 
+def run_calls(
+    caller_node: h.Server,
+    receiver: h.Server,
+    redis: psutil.Process | None,
+    connections: int,
+    calls: int,
+    users_n: int,
+    callers: int = 20,
+    per_call: int = 10,
+    inflight: int = 32,
+    timeout: float = 120,
+) -> dict[str, Any]:
+    """Per-request fan-out: ``callers`` on ``caller_node`` make ``calls`` "fanout" requests,
+    each pushing to ``per_call`` users whose ``connections`` are on ``receiver``.
+
+    With ``caller_node is receiver`` (one node) every push is local; with two
+    nodes every push crosses the backplane. Server CPU is summed over the nodes
+    from the moment the receivers are connected until every push arrived.
+    """
+    users = [f"u{i % users_n}" for i in range(connections)]
+    per_user = expected_per_user(user_draws(calls, per_call, users_n, seed=11))
+    expected = [per_user[u] for u in users]
+    receivers = h._connect(
+        receiver, users, 1, mode="receive", expected_all=expected, strict=False, timeout=timeout
+    )
+    ready = h._ready(receivers)
+    receiver.send({"op": "settle"})
+    receiver.reply(timeout)
+    nodes = [receiver] if caller_node is receiver else [receiver, caller_node]
+    cpu0 = [n.cpu() for n in nodes]
+    redis_cpu0 = cpu_of(redis) if redis is not None else 0.0
+    t0 = time.monotonic()
+    caller_gens = h._connect(
+        caller_node,
+        [f"caller{i}" for i in range(callers)],
+        1,
+        mode="rpc_fanout",
+        users_n=users_n,
+        per_call=per_call,
+        seed=11,
+        inflight=inflight,
+        size=100,
+        seconds=timeout,
+        calls=calls,
+        strict=False,
+        timeout=timeout,
+    )
+    h._ready(caller_gens)
+    answered = h._done(caller_gens, timeout, caller_node)
+    done = h._done(receivers, timeout, receiver)
+    elapsed = done["at"] - t0
+    cpu = sum(n.cpu() - c for n, c in zip(nodes, cpu0, strict=True))
+    redis_cpu = cpu_of(redis) - redis_cpu0 if redis is not None else 0.0
+    deliveries = done["received"]
+    result = {
+        "calls": answered["round_trips"],
+        "deliveries": deliveries,
+        "expected": sum(expected),
+        "seconds": round(elapsed, 3),
+        "deliveries_per_s": round(deliveries / elapsed) if elapsed else 0,
+        "server_cpu_s": round(cpu, 3),
+        "server_cpu_us_per_delivery": round(cpu / deliveries * 1e6, 2) if deliveries else None,
+        "call_latency": answered["call_latency"],
+        "latency": done["latency"],
+        "complete": done["complete"] and deliveries == sum(expected),
+        "connect_errors": ready["errors"],
+    }
+    if redis is not None:
+        result["redis_cpu_s"] = round(redis_cpu, 3)
+        result["redis_cpu_us_per_delivery"] = (
+            round(redis_cpu / deliveries * 1e6, 2) if deliveries else None
+        )
+        caller_node.send({"op": "settle"})
+        result["backplane"] = (caller_node.reply(timeout) or {}).get("backplane")
+    return result
+
+
 def run_single(
     scenario: str,
     server: h.Server,
@@ -209,11 +288,13 @@ SIZES = {
     "full": {
         "fanout": (1000, 200, 0, None),
         "to_users": (2000, 2000, 1000, None),
+        "rpc_fanout": (2000, 2000, 1000, None),
         "latency": (200, 400, 0, 200.0),
     },
     "tiny": {
         "fanout": (20, 20, 0, None),
         "to_users": (20, 20, 10, None),
+        "rpc_fanout": (20, 20, 10, None),
         "latency": (10, 20, 0, 100.0),
     },
 }
@@ -238,12 +319,18 @@ def main(argv: list[str] | None = None) -> int:
             kind = "to_users" if scenario == "to_users" else "fanout"
             for _ in range(args.repeat):
                 with h.running("trio_gw", args.out) as single:
-                    local = run_single(kind, single, connections, messages, users_n, rate)
+                    if scenario == "rpc_fanout":
+                        local = run_calls(single, single, None, connections, messages, users_n)
+                    else:
+                        local = run_single(kind, single, connections, messages, users_n, rate)
                 with ExitStack() as stack:
                     url, redis = stack.enter_context(redis_server())
                     a = stack.enter_context(node(url, "a", args.out))
                     b = stack.enter_context(node(url, "b", args.out))
-                    cross = run_cross(kind, a, b, redis, connections, messages, users_n, rate)
+                    if scenario == "rpc_fanout":
+                        cross = run_calls(a, b, redis, connections, messages, users_n)
+                    else:
+                        cross = run_cross(kind, a, b, redis, connections, messages, users_n, rate)
                 ours, theirs = (
                     cross["server_cpu_us_per_delivery"],
                     local["server_cpu_us_per_delivery"],

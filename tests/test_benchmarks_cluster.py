@@ -33,7 +33,7 @@ def test_cluster_benchmark_runs_every_scenario(tmp_path: Path) -> None:
     ]
     assert {(r["scenario"], r["setup"]) for r in rows} == {
         (s, setup)
-        for s in ("fanout", "to_users", "latency")
+        for s in ("fanout", "to_users", "rpc_fanout", "latency")
         for setup in ("single node", "two nodes")
     }
     for row in rows:
