@@ -148,6 +148,13 @@ class SubscriptionMachine(RuleBasedStateMachine):
         assert len(subscribe) <= n and len(unsubscribe) <= n
         self.subs.confirmed(subscribe, unsubscribe)
 
+    @rule(kept=st.sets(st.sampled_from([b"u1", b"u2", b"u3", b"n", b"all"])))
+    def server_drops_some(self, kept: set[bytes]) -> None:
+        before = self.subs.active
+        gone = self.subs.lost(kept)
+        assert set(gone) == before - kept
+        assert self.subs.active == before & kept
+
     @rule()
     def reconnect(self) -> None:
         self.subs.reset()

@@ -311,3 +311,52 @@ async def test_a_stalled_server_never_blocks_the_sender(valkey: ValkeyServer) ->
             await settled(bp1)
             await hub1.send_message_to_user_ids(["zoe"], "again")
             assert await zoe.get_message() == "again"
+
+
+async def test_a_subscription_the_cluster_drops_is_made_again(
+    valkey_cluster: list[ValkeyServer],
+) -> None:
+    """Moving a slot unsubscribes its shard channels on a connection that stays up: the
+    node notices and subscribes again. (coredis still sends it to the old shard, which
+    never acknowledges; after ``timeout`` the node reconnects with the new layout.)"""
+    url = valkey_cluster[0].url
+    with trio.fail_after(TIMEOUT):
+        async with (
+            node("n1", url, presence_interval=0.2, presence_ttl=1.0) as (hub1, bp1, _),
+            node("n2", url, presence_interval=0.2, presence_ttl=1.0) as (_, bp2, url2),
+            client(url2, "kim") as (kim, _),
+        ):
+            await settled(bp1, bp2)
+            await hub1.send_message_to_user_ids(["kim"], "before")
+            assert await kim.get_message() == "before"
+            channel = b"trio-gw:u:kim"
+            slot = valkey_cluster[0].command("CLUSTER", "KEYSLOT", channel)
+            ids = {server.port: _my_id(server) for server in valkey_cluster}
+            owner = next(server for server in valkey_cluster if slot in _slots_of(server))
+            target = next(server for server in valkey_cluster if server is not owner)
+            for server in valkey_cluster:
+                server.command("CLUSTER", "SETSLOT", slot, "NODE", ids[target.port])
+            await wait_for(
+                lambda: bp2.statistics().subscriptions < bp2.statistics().wanted_subscriptions
+            )
+            await settled(bp2)
+            assert target.command("PUBSUB", "SHARDNUMSUB", channel)[1] == 1  # type: ignore[index]
+            await hub1.send_message_to_user_ids(["kim"], "after")
+            assert await kim.get_message() == "after"
+
+
+def _my_id(server: ValkeyServer) -> str:
+    node_id = server.command("CLUSTER", "MYID")
+    assert isinstance(node_id, bytes)
+    return node_id.decode()
+
+
+def _slots_of(server: ValkeyServer) -> set[int]:
+    """The slots ``server`` serves, from its own CLUSTER SLOTS."""
+    myself = _my_id(server).encode()
+    slots: set[int] = set()
+    for entry in server.command("CLUSTER", "SLOTS"):  # type: ignore[union-attr]
+        first, last, primary = entry[0], entry[1], entry[2]
+        if primary[2] == myself:
+            slots.update(range(first, last + 1))
+    return slots

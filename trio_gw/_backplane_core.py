@@ -389,6 +389,20 @@ class Subscriptions:
         self._active.update(subscribed)
         self._active.difference_update(unsubscribed)
 
+    def lost(self, held: Iterable[bytes]) -> list[bytes]:
+        """The server holds only ``held`` now: forget the others, so that they are sent again.
+
+        A server may drop subscriptions on a connection that stays up (a
+        Redis Cluster moving a slot unsubscribes its shard channels); a node
+        that did not notice would stay "healthy" and deaf.
+
+        Returns:
+            The channels this node thought it held and no longer does, sorted.
+        """
+        gone = sorted(self._active - set(held))
+        self._active.difference_update(gone)
+        return gone
+
     def reset(self) -> None:
         """The connection was lost: the new one holds no subscriptions yet."""
         self._active.clear()

@@ -635,8 +635,17 @@ class RedisBackplane:
     async def _subscribe_loop(self, pubsub: Any) -> NoReturn:
         while True:
             self._subscribe_wakeup = trio.Event()
+            # What coredis holds: it forgets a channel the server unsubscribed.
+            lost = self._subscriptions.lost(pubsub.channels)
+            if lost:
+                logger.warning(
+                    "backplane: the server dropped %d subscriptions (%s); subscribing again",
+                    len(lost),
+                    b", ".join(lost[:5]).decode(errors="replace"),
+                )
             if not await self._reconcile_once(pubsub):
-                await self._subscribe_wakeup.wait()
+                with trio.move_on_after(self._presence_interval):
+                    await self._subscribe_wakeup.wait()
 
     # --- receiving ----------------------------------------------------------------
 
