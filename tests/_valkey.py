@@ -19,7 +19,14 @@ import subprocess
 import time
 from pathlib import Path
 
-__all__ = ["ValkeyServer", "command", "free_port", "start_cluster", "valkey_server_binary"]
+__all__ = [
+    "ValkeyServer",
+    "command",
+    "free_port",
+    "start_cluster",
+    "start_sentinel",
+    "valkey_server_binary",
+]
 
 # Generous: guards against hangs, not a performance assertion.
 START_TIMEOUT = 20.0
@@ -224,3 +231,42 @@ def start_cluster(directory: Path, masters: int = 3) -> list[ValkeyServer]:
         for server in servers:
             server.kill()
         raise
+
+
+def start_sentinel(directory: Path, primary: ValkeyServer, service: str) -> subprocess.Popen[bytes]:
+    """A Sentinel (``valkey-server --sentinel``) monitoring ``primary`` as ``service``.
+
+    Returns its process once it answers for ``service``; its port is ``.port``
+    on the returned object's ``args`` (see ``sentinel_port``).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    config = directory / "sentinel.conf"
+    config.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {directory}\n"
+        f"sentinel monitor {service} 127.0.0.1 {primary.port} 1\n"
+        f"sentinel down-after-milliseconds {service} 1000\n"
+    )
+    log = (directory / "sentinel.log").open("ab")
+    process = subprocess.Popen(
+        [valkey_server_binary(), str(config), "--sentinel"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    log.close()
+    process.port = port  # type: ignore[attr-defined]
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"the sentinel exited with {process.returncode}; see {directory}")
+        try:
+            if command(port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", service, timeout=1):
+                return process
+        except (OSError, RuntimeError):
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            process.wait()
+            raise RuntimeError("the sentinel did not come up")
+        time.sleep(0.05)

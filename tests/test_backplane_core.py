@@ -15,6 +15,7 @@ from trio_gw._backplane_core import (
     ChannelNames,
     EnvelopeError,
     PublishQueue,
+    SentinelUrl,
     Subscriptions,
     decode_envelope,
     encode_envelope,
@@ -181,3 +182,21 @@ def test_backoff_doubles_up_to_its_maximum_and_resets() -> None:
     backoff.reset()
     assert backoff.delay() == 0.1
     assert Backoff(1, 8, jitter=lambda d: d / 2).delay() == 0.5
+
+
+def test_sentinel_urls() -> None:
+    parsed = SentinelUrl.parse("redis+sentinel://:s%40cret@h1:26379,[::1]:26380/my%20primary")
+    assert parsed.sentinels == (("h1", 26379), ("::1", 26380))
+    assert parsed.service_name == "my primary"
+    assert parsed.username is None and parsed.password == "s@cret"
+    assert "s@cret" not in repr(parsed)
+    assert SentinelUrl.parse("redis+sentinel://u:p@h:1/x").username == "u"
+    for bad in (
+        "redis://h:1/x",
+        "redis+sentinel://h:1",
+        "redis+sentinel://h/x",
+        "redis+sentinel://h:99999/x",
+        "redis+sentinel://h:1,/x",
+    ):
+        with pytest.raises(ValueError, match="expected"):
+            SentinelUrl.parse(bad)

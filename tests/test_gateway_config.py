@@ -128,11 +128,17 @@ def test_the_backplane_section() -> None:
     assert config.backplane.presence_ttl == 10.0
     assert config.hub.reuse_port is True
     assert "pw" not in repr(config.backplane)  # the URL may hold a password
-    for url in ("rediss://h:1", "unix:///run/redis.sock", "redis://localhost"):
+    for url in (
+        "rediss://h:1",
+        "unix:///run/redis.sock",
+        "redis://localhost",
+        "redis+sentinel://s1:26379,s2:26379/primary",
+    ):
         assert GatewayConfig.from_mapping({"backplane": {"url": url}}).backplane.url == url
     for data, expected in (
-        ({"url": "http://h:1"}, "backplane.url: expected a redis://, rediss:// or unix:// URL"),
+        ({"url": "http://h:1"}, "backplane.url: expected a redis://, rediss://, unix:// or"),
         ({"url": "redis://"}, "backplane.url: expected a redis://"),
+        ({"url": "redis+sentinel://s1:26379"}, "backplane.url: expected a redis://"),
         ({"node_id": "a:b"}, "backplane.node_id: expected a non-empty id without ':'"),
         ({"node_id": ""}, "backplane.node_id: expected a non-empty id without ':'"),
         (

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests._valkey import ValkeyServer, start_cluster
+from tests._valkey import ValkeyServer, command, start_cluster, start_sentinel
 from tests.conftest import TIMEOUT, client, receive_json, wait_for
 from trio_gw import HandlerManager, HubConfig, Presence, RedisBackplane, dev_authorizer, open_hub
 from trio_gw import serve_hub as serve_hub_
@@ -360,3 +360,86 @@ def _slots_of(server: ValkeyServer) -> set[int]:
         if primary[2] == myself:
             slots.update(range(first, last + 1))
     return slots
+
+
+async def test_a_primary_found_through_sentinel(valkey: ValkeyServer, tmp_path: Path) -> None:
+    sentinel = start_sentinel(tmp_path / "sentinel", valkey, "hubs")
+    url = f"redis+sentinel://127.0.0.1:{sentinel.port}/hubs"  # type: ignore[attr-defined]
+    try:
+        with trio.fail_after(TIMEOUT):
+            async with (
+                node("n1", url) as (hub1, bp1, _),
+                node("n2", url) as (_, bp2, url2),
+                client(url2, "lee") as (lee, _),
+            ):
+                await settled(bp1, bp2)
+                await hub1.send_message_to_user_ids(["lee"], "through sentinel")
+                assert await lee.get_message() == "through sentinel"
+                presence = await presence_until(hub1, lambda p: p.users == {"lee": 1})
+                assert presence.nodes_of("lee") == {"n2": 1}
+    finally:
+        sentinel.kill()
+        sentinel.wait()
+
+
+async def test_a_sentinel_failover_moves_the_nodes_to_the_new_primary(
+    valkey: ValkeyServer, tmp_path: Path
+) -> None:
+    """After a failover the old primary is a replica: publishing there would reach no one.
+    The presence heartbeat (a write) fails there, and the node reconnects to the new one."""
+    replica = ValkeyServer(
+        tmp_path / "replica", extra=("--replicaof", "127.0.0.1", str(valkey.port))
+    )
+    replica.start()
+    sentinel = start_sentinel(tmp_path / "sentinel", valkey, "hubs")
+    port = sentinel.port  # type: ignore[attr-defined]
+    url = f"redis+sentinel://127.0.0.1:{port}/hubs"
+    try:
+        with trio.fail_after(TIMEOUT * 2):
+            # The sentinel learns of the replica from the primary, then checks it.
+            while not _replica_ok(port):  # noqa: ASYNC110
+                await trio.sleep(0.1)
+            async with (
+                node("n1", url, presence_interval=0.2, presence_ttl=1.0) as (hub1, bp1, _),
+                node("n2", url, presence_interval=0.2, presence_ttl=1.0) as (_, bp2, url2),
+                client(url2, "max") as (max_, _),
+            ):
+                await settled(bp1, bp2)
+                await hub1.send_message_to_user_ids(["max"], "before")
+                assert await max_.get_message() == "before"
+                # Refused (NOGOODSLAVE) until the sentinel has judged the replica fit.
+                while not _failover(port):  # noqa: ASYNC110
+                    await trio.sleep(0.2)
+                await wait_for(
+                    lambda: bp1.statistics().reconnects >= 1 and bp2.statistics().reconnects >= 1,
+                    interval=0.05,
+                )
+                await settled(bp1, bp2)
+                new = command(port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", "hubs")
+                assert new == [b"127.0.0.1", str(replica.port).encode()]
+                await hub1.send_message_to_user_ids(["max"], "after")
+                assert await max_.get_message() == "after"
+    finally:
+        sentinel.kill()
+        sentinel.wait()
+        replica.kill()
+
+
+def _replica_ok(sentinel_port: int) -> bool:
+    replicas = command(sentinel_port, "SENTINEL", "REPLICAS", "hubs")
+    assert isinstance(replicas, list)
+    for replica in replicas:
+        fields = dict(zip(replica[::2], replica[1::2], strict=True))
+        if fields.get(b"flags") == b"slave" and fields.get(b"master-link-status") == b"ok":
+            return True
+    return False
+
+
+def _failover(sentinel_port: int) -> bool:
+    """Ask for a failover: True if started, False if no replica is fit yet."""
+    try:
+        return command(sentinel_port, "SENTINEL", "FAILOVER", "hubs") == "OK"
+    except RuntimeError as exc:
+        if "NOGOODSLAVE" in str(exc):
+            return False
+        raise

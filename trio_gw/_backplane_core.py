@@ -25,6 +25,7 @@ from __future__ import annotations
 import struct
 from collections import deque
 from collections.abc import Callable, Iterable
+from urllib.parse import unquote
 
 import attrs
 
@@ -37,6 +38,7 @@ __all__ = [
     "ChannelNames",
     "EnvelopeError",
     "PublishQueue",
+    "SentinelUrl",
     "Subscriptions",
     "decode_envelope",
     "encode_envelope",
@@ -78,6 +80,53 @@ class ChannelNames:
     def nodes(self) -> str:
         """The key of the set of node ids that have published presence."""
         return f"{self.prefix}:nodes"
+
+
+@attrs.frozen
+class SentinelUrl:
+    """``redis+sentinel://[[user]:password@]host:port[,host:port...]/service_name``, parsed.
+
+    Attributes:
+        sentinels: The Sentinel servers' ``(host, port)``, in the order given.
+        service_name: The monitored primary's name (``sentinel monitor <name> ...``).
+        username: For the primary, if given.
+        password: For the primary, if given.
+    """
+
+    sentinels: tuple[tuple[str, int], ...]
+    service_name: str
+    username: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)
+
+    SCHEME = "redis+sentinel"
+
+    @classmethod
+    def parse(cls, url: str) -> SentinelUrl:
+        """Parse a ``redis+sentinel://`` URL.
+
+        Raises:
+            ValueError: it is not one, or names no Sentinel or no service.
+        """
+        scheme, sep, rest = url.partition("://")
+        if scheme != cls.SCHEME or not sep:
+            raise ValueError(f"expected a {cls.SCHEME}:// URL, got {url!r}")
+        netloc, _, path = rest.partition("/")
+        credentials, at, hosts = netloc.rpartition("@")
+        username = password = None
+        if at:
+            user, colon, secret = credentials.partition(":")
+            username = unquote(user) or None
+            password = unquote(secret) if colon else None
+        sentinels = []
+        for host_port in hosts.split(","):
+            host, colon, port = host_port.rpartition(":")
+            if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"expected host:port for each Sentinel, got {host_port!r}")
+            sentinels.append((host.strip("[]"), int(port)))
+        service = unquote(path.partition("?")[0]).strip("/")
+        if not service:
+            raise ValueError(f"expected the service name as the path, got {url!r}")
+        return cls(tuple(sentinels), service, username, password)
 
 
 # --- envelopes ----------------------------------------------------------------

@@ -40,11 +40,13 @@ from anyio.abc import TaskStatus
 from coredis.connection import (
     BaseConnection,
     ClusterConnection,
+    SentinelManagedConnection,
     TCPConnection,
     TCPLocation,
     UnixDomainSocketConnection,
 )
 from coredis.patterns.pubsub import PubSub, ShardedPubSub
+from coredis.pool import SentinelConnectionPool
 from coredis.retry import NoRetryPolicy
 
 from ._backplane import BackplaneInbox, BackplaneMessage
@@ -53,6 +55,7 @@ from ._backplane_core import (
     ChannelNames,
     EnvelopeError,
     PublishQueue,
+    SentinelUrl,
     Subscriptions,
     decode_envelope,
     envelope_origin,
@@ -160,6 +163,20 @@ class _ClusterConnection(_ClosesBuffersOnFailure, ClusterConnection):
     pass
 
 
+class _SentinelConnection(_ClosesBuffersOnFailure, SentinelManagedConnection):
+    pass
+
+
+class _SentinelPool(SentinelConnectionPool):
+    """coredis 6.9's Sentinel pool, making connections that close their buffers on failure."""
+
+    async def _construct_connection(self) -> SentinelManagedConnection:
+        location = await (self.get_primary_location() if self.is_primary else self.get_replica())
+        return _SentinelConnection(
+            location, self.service_name, self.is_primary, **self.connection_kwargs
+        )
+
+
 class _ShardedPubSub(ShardedPubSub[bytes]):
     """coredis 6.9's ``ShardedPubSub`` with its connections released when it ends.
 
@@ -200,6 +217,9 @@ class RedisBackplane:
         url: ``redis://``, ``rediss://`` or ``unix://`` (coredis's URL forms);
             a server with cluster mode enabled is detected and used as a Redis
             Cluster through coredis's ``RedisCluster``, with sharded pub/sub.
+            ``redis+sentinel://[[user]:password@]host:port[,host:port]/service``
+            asks those Sentinels for the primary of ``service`` (coredis's
+            ``Sentinel``); the credentials are the primary's.
         node_id: This node's id, unique in the cluster; session ids name it.
         prefix: Prefixes every channel and key, so that clusters can share a server.
         publish_queue_size: The most publishes waiting to be sent.
@@ -525,6 +545,9 @@ class RedisBackplane:
         return client
 
     async def _connect_and_run(self, inbox: BackplaneInbox, first_attempt: trio.Event) -> None:
+        if self._url.startswith(f"{SentinelUrl.SCHEME}://"):
+            await self._run_with_sentinel(inbox, first_attempt)
+            return
         client = await self._open_client()
         try:
             await self._run_client(client, inbox, first_attempt)
@@ -534,6 +557,30 @@ class RedisBackplane:
                 # each cluster client leaves an unclosed pair (ResourceWarning).
                 for stream in client.connection_pool.cluster_layout._error_stream:
                     stream.close()
+
+    async def _run_with_sentinel(self, inbox: BackplaneInbox, first_attempt: trio.Event) -> None:
+        """Ask the Sentinels for the primary and run on it; a failover ends the connection."""
+        parsed = SentinelUrl.parse(self._url)
+        timeouts: dict[str, Any] = {
+            "connect_timeout": self._timeout,
+            "stream_timeout": self._timeout,
+        }
+        primary: dict[str, Any] = dict(timeouts)
+        if parsed.username is not None:
+            primary["username"] = parsed.username
+        if parsed.password is not None:
+            primary["password"] = parsed.password
+        sentinel = coredis.Sentinel(
+            [TCPLocation(host, port) for host, port in parsed.sentinels],
+            sentinel_kwargs=timeouts,
+            decode_responses=False,
+            **primary,
+        )
+        for sentinel_client in sentinel.sentinels:
+            sentinel_client.connection_pool.connection_class = _TCPConnection
+        async with sentinel:
+            client = sentinel.primary_for(parsed.service_name, connection_pool_class=_SentinelPool)
+            await self._run_client(client, inbox, first_attempt)
 
     async def _run_client(
         self,

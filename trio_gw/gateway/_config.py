@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from .._backplane_core import SentinelUrl
 from .._config import (
     _ENV_PREFIX,
     HubConfig,
@@ -272,6 +273,12 @@ class TlsConfig:
 def _backplane_url(v: Any) -> bool:
     if not isinstance(v, str):
         return False
+    if v.startswith(f"{SentinelUrl.SCHEME}://"):
+        try:
+            SentinelUrl.parse(v)
+        except ValueError:
+            return False
+        return True
     split = urlsplit(v)
     if split.scheme == "unix":
         return bool(split.path)
@@ -298,11 +305,15 @@ class BackplaneConfig:
 
     #: ``redis://[user:password@]host:port[/db]``, ``rediss://...`` (TLS) or
     #: ``unix:///path/to/socket``. A server in cluster mode is detected and used
-    #: as a Redis Cluster (sharded pub/sub). Prefer TRIO_GW_BACKPLANE_URL when
+    #: as a Redis Cluster (sharded pub/sub). ``redis+sentinel://host:port[,host:port]/name``
+    #: asks Sentinels for the primary ``name``. Prefer TRIO_GW_BACKPLANE_URL when
     #: it holds a password.
     url: str | None = attrs.field(
         default=None,
-        validator=_check(_optional(_backplane_url), "a redis://, rediss:// or unix:// URL"),
+        validator=_check(
+            _optional(_backplane_url),
+            "a redis://, rediss://, unix:// or redis+sentinel://host:port[,...]/service URL",
+        ),
         repr=False,
     )
     #: This node's id, unique in the cluster; it prefixes the node's session ids.
