@@ -443,3 +443,34 @@ def _failover(sentinel_port: int) -> bool:
         if "NOGOODSLAVE" in str(exc):
             return False
         raise
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path (a unix socket's path is limited to about 100 bytes)."""
+    import shutil
+    import tempfile
+
+    directory = Path(tempfile.mkdtemp(prefix="vk"))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def test_a_unix_socket_url(tmp_path: Path, short_dir: Path) -> None:
+    path = short_dir / "v.sock"
+    server = ValkeyServer(tmp_path / "unix", extra=("--unixsocket", str(path)))
+    server.start()
+    try:
+        with trio.fail_after(TIMEOUT):
+            async with (
+                node("n1", f"unix://{path}") as (hub1, bp1, _),
+                node("n2", server.url) as (_, bp2, url2),
+                client(url2, "ned") as (ned, _),
+            ):
+                await settled(bp1, bp2)
+                await hub1.send_message_to_user_ids(["ned"], "over a unix socket")
+                assert await ned.get_message() == "over a unix socket"
+    finally:
+        server.kill()
