@@ -340,6 +340,11 @@ class BackplaneConfig:
     inbox_size: int = attrs.field(
         default=10_000, validator=_check(_positive_int, "a positive integer (messages)")
     )
+    #: A message to more users than this goes once to the broadcast channel (every
+    #: node reads it) instead of once to each user's channel.
+    fanout_threshold: int = attrs.field(
+        default=64, validator=_check(_positive_int, "a positive integer (users)")
+    )
     #: Seconds for connecting to the server and for any one of its replies.
     timeout: float = attrs.field(
         default=5.0, validator=_check(_positive_number, "a number > 0 (seconds)")

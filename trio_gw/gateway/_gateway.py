@@ -403,6 +403,7 @@ def _backplane(config: GatewayConfig) -> RedisBackplane | None:
         prefix=settings.prefix,
         publish_queue_size=settings.publish_queue_size,
         inbox_size=settings.inbox_size,
+        fanout_threshold=settings.fanout_threshold,
         presence_interval=settings.presence_interval,
         presence_ttl=settings.presence_ttl,
         timeout=settings.timeout,
