@@ -14,6 +14,8 @@
   connection in turn and answered before another takes its place. Call k goes to
   the k-th draw of ``per_call`` distinct users out of ``users_n`` (``seed``); at
   the end each connection must have received one push per call naming its user.
+  With ``calls``, at most that many calls are made (the pushes may then go to
+  another process's connections: ``benchmarks/cluster.py``).
 * ``idle``: hold the connections until stdin says ``close``.
 
 With ``"hold": true`` the connections stay open after the done event until stdin
@@ -142,6 +144,7 @@ class FanoutCalls:
         self.draws = iter_user_draws(job["per_call"], job["users_n"], job["seed"])
         self.size = job["size"]
         self.inflight = job["inflight"]
+        self.limit: int | None = job.get("calls")
         self.until = 0.0
         self.turn = 0
         self.sent = 0
@@ -160,6 +163,8 @@ class FanoutCalls:
             self.finished.set_result(None)
 
     def call(self) -> None:
+        if self.limit is not None and self.sent >= self.limit:
+            return
         for _ in range(len(self.clients)):
             client = self.clients[self.turn]
             self.turn = (self.turn + 1) % len(self.clients)
@@ -188,7 +193,7 @@ class FanoutCalls:
         # Each server answers one connection's requests in the order it got them.
         self.latencies.append(now - client.calls_sent_at.popleft())
         self.answered += 1
-        if now < self.until:
+        if now < self.until and (self.limit is None or self.sent < self.limit):
             self.call()
         elif self.answered == self.sent and not self.finished.done():
             self.finished.set_result(None)

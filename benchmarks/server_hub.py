@@ -1,6 +1,10 @@
 """The trio_gw hub under test.
 
 ``python -m benchmarks.server_hub PORT [--writer fast|portable] [--engine wsproto|trio-websocket]``
+
+With ``--backplane-url URL --node-id ID`` it is one node of a cluster (a
+``RedisBackplane``); it reports its port once the backplane is subscribed, and
+the ``settle`` command waits until its subscriptions are confirmed again.
 """
 
 from __future__ import annotations
@@ -19,7 +23,14 @@ from trio_gw import HubConfig, Session
 from ._protocol import fanout_call, message, raise_fd_limit, rpc_response, user_draws
 
 
-async def control(hub: trio_gw.HandlerManager) -> None:
+async def settle(backplane: Any) -> None:
+    """Wait until a backplane (if any) is up with every subscription confirmed."""
+    # Polling: the backplane offers no event for it, and this is the harness's side.
+    while backplane is not None and not backplane.in_sync:  # noqa: ASYNC110
+        await trio.sleep(0.01)
+
+
+async def control(hub: trio_gw.HandlerManager, backplane: Any = None) -> None:
     stdin = trio.lowlevel.FdStream(sys.stdin.fileno())
     buffer = b""
     while True:
@@ -39,6 +50,8 @@ async def control(hub: trio_gw.HandlerManager) -> None:
                     if rate:
                         await trio.sleep_until(start + seq / rate)
                     await hub.send_message_to_all(message(seq, command["size"]).decode())
+            elif op == "settle":
+                await settle(backplane)
             elif op == "to_users":
                 draws = user_draws(
                     command["calls"], command["per_call"], command["users"], command["seed"]
@@ -56,11 +69,22 @@ async def control(hub: trio_gw.HandlerManager) -> None:
                 "out": stats.messages_out,
                 "connections": stats.connections,
             }
+            if backplane is not None:
+                b = backplane.statistics()
+                reply["backplane"] = {
+                    "published": b.published,
+                    "publish_batches": b.publish_batches,
+                    "publish_drops": b.publish_drops,
+                    "received": b.received,
+                    "receive_drops": b.receive_drops,
+                }
             sys.stdout.write(orjson.dumps(reply).decode() + "\n")
             sys.stdout.flush()
 
 
-async def main(port: int, writer: str, engine: str | None) -> None:
+async def main(
+    port: int, writer: str, engine: str | None, backplane_url: str | None, node_id: str
+) -> None:
     hub: trio_gw.HandlerManager
 
     async def on_message(reply: Any, handler: Session, decoded: Any) -> None:
@@ -82,16 +106,24 @@ async def main(port: int, writer: str, engine: str | None) -> None:
         hub_queue_size=8192,
         **extra,
     )
+    backplane = None if backplane_url is None else trio_gw.RedisBackplane(backplane_url, node_id)
     async with (
         trio_gw.open_hub(
-            "bench", "bench", on_message, config=config, authorizer=trio_gw.dev_authorizer
+            "bench",
+            node_id,
+            on_message,
+            config=config,
+            authorizer=trio_gw.dev_authorizer,
+            backplane=backplane,
         ) as hub,
         trio.open_nursery() as nursery,
     ):
         bound = await nursery.start(trio_gw.serve_hub, hub)
+        with trio.fail_after(30):
+            await settle(backplane)
         sys.stdout.write(orjson.dumps({"port": bound}).decode() + "\n")
         sys.stdout.flush()
-        await control(hub)
+        await control(hub, backplane)
         nursery.cancel_scope.cancel()
 
 
@@ -100,13 +132,16 @@ if __name__ == "__main__":
     parser.add_argument("port", type=int)
     parser.add_argument("--writer", default="fast", choices=["fast", "portable"])
     parser.add_argument("--engine", default=None, choices=["wsproto", "trio-websocket"])
+    parser.add_argument("--backplane-url", help="a node of a cluster on this Redis/Valkey")
+    parser.add_argument("--node-id", default="bench", help="this node's id")
     args = parser.parse_args()
     raise_fd_limit()
+    run_args = (args.port, args.writer, args.engine, args.backplane_url, args.node_id)
     profile = os.environ.get("TRIO_GW_BENCH_PROFILE")
     if profile:
         # Profile the server: TRIO_GW_BENCH_PROFILE=out.prof python -m benchmarks ...
         import cProfile
 
-        cProfile.run("trio.run(main, args.port, args.writer, args.engine)", profile)
+        cProfile.run("trio.run(main, *run_args)", profile)
     else:
-        trio.run(main, args.port, args.writer, args.engine)
+        trio.run(main, *run_args)

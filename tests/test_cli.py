@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import trio
 
+from trio_gw import ConfigError
+
 from ._gateway_support import gateway_process
 from .conftest import TIMEOUT, echo_round_trip
 
@@ -128,3 +130,19 @@ def test_flags_beat_env_beat_file(tmp_path: Path) -> None:
     loaded = load_config(args, {"TRIO_GW_PORT": "9002", "TRIO_GW_MAX_CONNECTIONS": "8"})
     hub = loaded.hub
     assert (hub.port, hub.max_connections, hub.close_timeout) == (9003, 8, 2.5)
+
+
+def test_backplane_flags_beat_env() -> None:
+    from trio_gw.gateway._cli import _parser, load_config
+
+    args = _parser().parse_args(
+        ["serve", "--backplane-url", "redis://flag:6379", "--node-id", "from-flag"]
+    )
+    loaded = load_config(
+        args,
+        {"TRIO_GW_BACKPLANE_URL": "redis://env:6379", "TRIO_GW_BACKPLANE_NODE_ID": "from-env"},
+    )
+    assert (loaded.backplane.url, loaded.backplane.node_id) == ("redis://flag:6379", "from-flag")
+    args = _parser().parse_args(["serve", "--node-id", "a:b"])
+    with pytest.raises(ConfigError, match=r"backplane\.node_id: expected a non-empty id"):
+        load_config(args, {})

@@ -110,3 +110,52 @@ def test_admin_tls_files_are_its_own_or_the_clients() -> None:
     assert reused.admin_tls_files == ("c.pem", "c.key")
     # [tls] alone secures the clients' port only.
     assert GatewayConfig.from_mapping({"tls": client_tls}).admin_tls_files is None
+
+
+def test_the_backplane_section() -> None:
+    assert not GatewayConfig().backplane.enabled
+    config = GatewayConfig.from_env(
+        {
+            "TRIO_GW_BACKPLANE_URL": "redis://:pw@redis.internal:6380/1",
+            "TRIO_GW_BACKPLANE_NODE_ID": "node-7",
+            "TRIO_GW_BACKPLANE_PRESENCE_TTL": "10",
+            "TRIO_GW_REUSE_PORT": "true",
+        }
+    )
+    assert config.backplane.enabled
+    assert config.backplane.url == "redis://:pw@redis.internal:6380/1"
+    assert config.backplane.node_id == "node-7"
+    assert config.backplane.presence_ttl == 10.0
+    assert config.hub.reuse_port is True
+    assert "pw" not in repr(config.backplane)  # the URL may hold a password
+    for url in (
+        "rediss://h:1",
+        "unix:///run/redis.sock",
+        "redis://localhost",
+        "redis+sentinel://s1:26379,s2:26379/primary",
+    ):
+        assert GatewayConfig.from_mapping({"backplane": {"url": url}}).backplane.url == url
+    for data, expected in (
+        ({"url": "http://h:1"}, "backplane.url: expected a redis://, rediss://, unix:// or"),
+        ({"url": "redis://"}, "backplane.url: expected a redis://"),
+        ({"url": "redis+sentinel://s1:26379"}, "backplane.url: expected a redis://"),
+        ({"node_id": "a:b"}, "backplane.node_id: expected a non-empty id without ':'"),
+        ({"node_id": ""}, "backplane.node_id: expected a non-empty id without ':'"),
+        (
+            {"presence_interval": 5, "presence_ttl": 5},
+            "backplane.presence_ttl: expected more than presence_interval (5.0), got 5.0",
+        ),
+        ({"timeout": 0}, "backplane.timeout: expected a number > 0 (seconds), got 0"),
+    ):
+        with pytest.raises(ConfigError) as error:
+            GatewayConfig.from_mapping({"backplane": data})
+        assert expected in str(error.value), (data, str(error.value))
+
+
+def test_a_node_id_by_default_names_the_host_and_process() -> None:
+    import os
+
+    from trio_gw.gateway._config import default_node_id
+
+    node_id = default_node_id()
+    assert node_id.endswith(f"-{os.getpid()}") and ":" not in node_id

@@ -17,6 +17,11 @@ EXPECTED = {
     "TlsConfig",
     "serve_gateway",
     "Authorizer",
+    "BackplaneConfig",
+    "BackplaneStatistics",
+    "BackplaneUnavailable",
+    "Presence",
+    "RedisBackplane",
     "CloseCode",
     "ConfigError",
     "GatewayError",
@@ -81,6 +86,7 @@ GATEWAY_EXPECTED = {
     "AdminConfig",
     "AuthConfig",
     "BackendConfig",
+    "BackplaneConfig",
     "Gateway",
     "GatewayConfig",
     "LogConfig",
@@ -127,6 +133,21 @@ def test_embedding_the_hub_does_not_import_the_http_stack(imports: str, first_us
     before, after = result.stdout.splitlines()
     assert before == "[]"
     assert after == repr(heavy)
+
+
+def test_the_redis_backplane_is_imported_on_first_use() -> None:
+    """coredis takes a while to import; a hub without a backplane never pays for it."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, trio_gw, trio_gw.gateway; print('coredis' in sys.modules); "
+        "trio_gw.RedisBackplane; print('coredis' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert result.stdout.split() == ["False", "True"]
 
 
 def test_statistics_are_declared_once() -> None:

@@ -11,9 +11,12 @@ node holds sessions of (``subscribe_nowait`` when a user's first session
 registers, ``unsubscribe_nowait`` when the last one leaves), so that a backplane
 can route user messages by interest.
 
+Presence goes the other way: the backplane reads this node's user counts
+from the inbox (``local_presence``) for its heartbeat, and ``presence()``
+returns the other live nodes' last heartbeats.
+
 ``LocalBackplane`` is the single-node implementation: there is nobody to tell.
-A Redis implementation fits behind the same protocol without changing the
-hub's public API.
+``RedisBackplane`` (``_redis_backplane``) connects nodes through Redis or Valkey.
 """
 
 from __future__ import annotations
@@ -56,6 +59,10 @@ class BackplaneInbox(Protocol):
         """Carry out a message another node published."""
         ...
 
+    def local_presence(self) -> dict[str, int]:
+        """Sessions per user on this node now."""
+        ...
+
 
 class Backplane(Protocol):
     """Connects hub nodes. See the module docstring."""
@@ -84,6 +91,14 @@ class Backplane(Protocol):
 
     def unsubscribe_nowait(self, user_id: str) -> None:
         """This node's last session of ``user_id`` left."""
+        ...
+
+    async def presence(self) -> dict[str, dict[str, int]]:
+        """The other live nodes' sessions per user: ``{node_id: {user_id: sessions}}``.
+
+        Raises:
+            BackplaneUnavailable: the other nodes cannot be asked now.
+        """
         ...
 
     async def serve(
@@ -116,6 +131,10 @@ class LocalBackplane:
 
     def unsubscribe_nowait(self, user_id: str) -> None:
         """There are no other nodes: nothing to do."""
+
+    async def presence(self) -> dict[str, dict[str, int]]:
+        """There are no other nodes."""
+        return {}
 
     async def serve(
         self,

@@ -92,6 +92,9 @@ class HubConfig:
         default=8765,
         validator=_check(_port, "an integer 0..65535"),
     )
+    #: Bind with SO_REUSEPORT, so that several processes on one machine share
+    #: ``port`` (the kernel spreads the connections); for a cluster of nodes.
+    reuse_port: bool = False
     #: Connections held at once, handshakes included; the next one gets HTTP 503.
     max_connections: int = attrs.field(
         default=10_000, validator=_check(_positive_int, "a positive integer")

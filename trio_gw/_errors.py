@@ -6,6 +6,7 @@ The tree, and whose fault each one is::
     ├── ConfigError              the operator's: a setting has a bad value (names the field)
     ├── HubClosedError           the caller's: the hub is not running (not started, or shut down)
     ├── HubOverloadedError       load: the hub's command queue is full; retry later
+    ├── BackplaneUnavailable     the environment's: the backplane (Redis) cannot answer now
     └── AuthRefused              the remote side's: a handshake was refused (with HTTP status)
 
 Errors caused by a client (bad JSON, a raising backend callback, an oversized
@@ -15,7 +16,14 @@ error frame or a close code on that one connection (see ``CloseCode``).
 
 from __future__ import annotations
 
-__all__ = ["AuthRefused", "ConfigError", "GatewayError", "HubClosedError", "HubOverloadedError"]
+__all__ = [
+    "AuthRefused",
+    "BackplaneUnavailable",
+    "ConfigError",
+    "GatewayError",
+    "HubClosedError",
+    "HubOverloadedError",
+]
 
 
 class GatewayError(Exception):
@@ -38,6 +46,14 @@ class HubOverloadedError(GatewayError, RuntimeError):
 
     Only the synchronous methods (``register``, ``unregister``, ``close*``) raise
     this; the ``async`` methods wait for room instead.
+    """
+
+
+class BackplaneUnavailable(GatewayError, RuntimeError):
+    """The backplane cannot answer now (its connection is down); a cluster-wide view is missing.
+
+    Messages are not affected by it: while the backplane is down, publishes to
+    other nodes are dropped and counted, and local delivery carries on.
     """
 
 

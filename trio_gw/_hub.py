@@ -30,10 +30,18 @@ from ._close_codes import CloseCode
 from ._config import HubConfig
 from ._connection import Connection, ConnectionEnded, NoRequest, Upgrade
 from ._devmode import dev_authorizer
-from ._errors import AuthRefused, ConfigError, HubClosedError, HubOverloadedError
+from ._errors import (
+    AuthRefused,
+    BackplaneUnavailable,
+    ConfigError,
+    HubClosedError,
+    HubOverloadedError,
+)
 from ._frames import Frame, encode_frame
 from ._lifecycle import Lifecycle, Transition, advance
+from ._listeners import open_tcp_listeners
 from ._origins import OriginPolicy
+from ._presence import Presence
 from ._registry import Registry
 from ._router import (
     Close,
@@ -477,6 +485,44 @@ class HandlerManager:
         await self._submit(_Flush(reply_send), internal=internal)
         await reply_recv.receive()
 
+    # --- presence ---------------------------------------------------------------
+
+    def local_presence(self) -> dict[str, int]:
+        """Sessions per user on this node now (the backplane's heartbeat reads it)."""
+        registry = self._registry
+        return {user_id: len(registry.sessions_of(user_id)) for user_id in registry.user_ids()}
+
+    async def presence(self, user_ids: Iterable[str] | None = None) -> Presence:
+        """Who is online on every node, and with how many sessions on which node.
+
+        This node's part is current; the other nodes' parts are their last
+        heartbeats through the backplane (see ``RedisBackplane``).
+
+        Args:
+            user_ids: Only these users; every online user if None.
+
+        Returns:
+            The snapshot; ``complete`` is False (and only this node is in it)
+            if the backplane cannot be asked now.
+
+        Raises:
+            TypeError: ``user_ids`` is a single string.
+        """
+        wanted = None if user_ids is None else to_users(user_ids).user_ids
+        complete = True
+        try:
+            nodes = await self._backplane.presence()
+        except BackplaneUnavailable as exc:
+            logger.info("presence: this node only: %s", exc)
+            nodes, complete = {}, False
+        nodes[self._instance_id] = self.local_presence()
+        if wanted is not None:
+            nodes = {
+                node: {u: n for u, n in users.items() if u in wanted}
+                for node, users in nodes.items()
+            }
+        return Presence(self._instance_id, nodes, complete)
+
     # --- backplane inbox ------------------------------------------------------
 
     async def deliver_from_backplane(self, message: BackplaneMessage) -> None:
@@ -842,8 +888,9 @@ class HandlerManager:
                     session._wake_producers()
                 case Publish(message=message):
                     if not self._backplane.publish_nowait(message):
+                        # The backplane logs its outages and full queues itself.
                         counters.drops += 1
-                        logger.warning("backplane dropped %r", message)
+                        logger.debug("backplane dropped %r", message)
                 case Registered(session=session):
                     now = trio.current_time()
                     session._offer_nowait(
@@ -1308,12 +1355,14 @@ async def serve_hub(
             f"host: dev mode (token = user id, no real auth) binds loopback only, got {host!r}"
         )
     listeners: list[trio.SocketListener] | list[trio.SSLListener[trio.SocketStream]]
+    tcp_listeners = await open_tcp_listeners(port, host=host, reuse_port=hub.config.reuse_port)
     if ssl_context is None:
-        listeners = await trio.open_tcp_listeners(port, host=host)
+        listeners = tcp_listeners
     else:
-        listeners = await trio.open_ssl_over_tcp_listeners(
-            port, ssl_context, host=host, https_compatible=True
-        )
+        listeners = [
+            trio.SSLListener(listener, ssl_context, https_compatible=True)
+            for listener in tcp_listeners
+        ]
     addresses = [_listener_address(listener) for listener in listeners]
     scheme = "ws" if ssl_context is None else "wss"
     async with trio.open_nursery() as nursery:

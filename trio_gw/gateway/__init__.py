@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from ._config import AdminConfig as AdminConfig
 from ._config import AuthConfig as AuthConfig
 from ._config import BackendConfig as BackendConfig
+from ._config import BackplaneConfig as BackplaneConfig
 from ._config import GatewayConfig as GatewayConfig
 from ._config import LogConfig as LogConfig
 from ._config import TlsConfig as TlsConfig
@@ -48,6 +49,7 @@ __all__ = [
     "AdminConfig",
     "AuthConfig",
     "BackendConfig",
+    "BackplaneConfig",
     "Gateway",
     "GatewayConfig",
     "LogConfig",

@@ -53,6 +53,7 @@ from .._errors import HubClosedError, HubOverloadedError
 from .._hub import is_loopback, listen_urls
 from .._session import Session
 from .._statistics import statistics_document
+from .._targets import node_of
 from ._metrics import CONTENT_TYPE
 from ._openapi import openapi_document
 
@@ -407,44 +408,61 @@ def admin_app(gateway: Gateway) -> Starlette:
 
         return guarded
 
+    clustered = gateway.backplane is not None
+
     def unknown_session(session_id: str) -> Response:
-        return _error(404, "not_found", f"session_id: no session {session_id!r} on this hub")
+        where = "in the cluster" if clustered else "on this hub"
+        return _error(404, "not_found", f"session_id: no session {session_id!r} {where}")
+
+    async def session_known(session_id: str) -> bool:
+        """On this node, or (in a cluster) named by a live node's id: a message may reach it."""
+        if hub.get_handler(session_id) is not None:
+            return True
+        node = node_of(session_id)
+        if not clustered or node is None or node == hub.instance_id:
+            return False
+        return node in (await hub.presence([])).nodes
+
+    async def users_count(user_ids: list[str]) -> int:
+        """Sessions of these users on every node (this node's, if the others cannot be asked)."""
+        presence = await hub.presence(user_ids)
+        return sum(presence.users.values())
 
     async def send_session(request: Request) -> Response:
         body = await _body(request, SendToSession)
-        if hub.get_handler(body.session_id) is None:
+        if not await session_known(body.session_id):
             return unknown_session(body.session_id)
         await hub.send_message(body.session_id, body.message)
         return _json({"sessions": 1})
 
     async def send_users(request: Request) -> Response:
         body = await _body(request, SendToUsers)
-        count = sum(len(hub.user_sessions(u)) for u in set(body.user_ids))
+        count = await users_count(body.user_ids)
         await hub.send_message_to_user_ids(body.user_ids, body.message)
         return _json({"sessions": count})
 
     async def send_all(request: Request) -> Response:
         body = await _body(request, SendToAll)
-        count = hub.statistics().connections
+        count = (await hub.presence()).sessions
         await hub.send_message_to_all(body.message)
         return _json({"sessions": count})
 
     async def close_session(request: Request) -> Response:
         body = await _body(request, CloseSession)
-        if hub.get_handler(body.session_id) is None:
+        if not await session_known(body.session_id):
             return unknown_session(body.session_id)
         hub.close(body.session_id, code=body.code, reason=body.reason)
         return _json({"sessions": 1})
 
     async def close_users(request: Request) -> Response:
         body = await _body(request, CloseUsers)
-        count = sum(len(hub.user_sessions(u)) for u in set(body.user_ids))
+        count = await users_count(body.user_ids)
         hub.close_user_ids(body.user_ids, code=body.code, reason=body.reason)
         return _json({"sessions": count})
 
     async def close_all(request: Request) -> Response:
         body = await _body(request, CloseAll)
-        count = hub.statistics().connections
+        count = (await hub.presence()).sessions
         hub.close_all(code=body.code, reason=body.reason)
         return _json({"sessions": count})
 
@@ -460,12 +478,26 @@ def admin_app(gateway: Gateway) -> Starlette:
 
     async def list_users(request: Request) -> Response:
         offset, limit = _page(request)
-        ids = hub.user_ids()
+        presence = await hub.presence()
+        users = presence.users
+        ids = list(users)
         items = [
-            {"user_id": user_id, "sessions": len(hub.user_sessions(user_id))}
+            {
+                "user_id": user_id,
+                "sessions": users[user_id],
+                "nodes": presence.nodes_of(user_id),
+            }
             for user_id in ids[offset : offset + limit]
         ]
-        return _json({"total": len(ids), "offset": offset, "limit": limit, "items": items})
+        return _json(
+            {
+                "total": len(ids),
+                "offset": offset,
+                "limit": limit,
+                "items": items,
+                "complete": presence.complete,
+            }
+        )
 
     async def user_sessions(request: Request) -> Response:
         user_id = request.path_params["user_id"]
@@ -474,17 +506,36 @@ def admin_app(gateway: Gateway) -> Starlette:
             for session_id in sorted(hub.user_sessions(user_id))
             if (session := hub.get_handler(session_id)) is not None
         ]
-        return _json({"user_id": user_id, "items": items})
+        presence = await hub.presence([user_id])
+        return _json(
+            {
+                "user_id": user_id,
+                "items": items,
+                "sessions": presence.sessions_of(user_id),
+                "nodes": presence.nodes_of(user_id),
+                "complete": presence.complete,
+            }
+        )
 
     async def statistics(_request: Request) -> Response:
         s = hub.statistics()
         forwarder = gateway._forwarder
+        presence = await hub.presence()
+        backplane = gateway.backplane
         return _json(
             {
                 "time": time.time(),
                 **statistics_document(s),
                 "backend_inflight": forwarder.inflight if forwarder else 0,
                 "backend_max_inflight": gateway.config.backend.max_inflight,
+                "cluster": {
+                    "node_id": hub.instance_id,
+                    "complete": presence.complete,
+                    "connections": presence.sessions,
+                    "users": len(presence.users),
+                    "nodes": presence.by_node(),
+                },
+                "backplane": (None if backplane is None else attrs.asdict(backplane.statistics())),
             }
         )
 

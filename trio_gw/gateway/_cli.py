@@ -36,6 +36,8 @@ _FLAGS: dict[str, tuple[str, str]] = {
     "admin_tls_key": ("admin", "tls_key_file"),
     "log_format": ("log", "format"),
     "log_level": ("log", "level"),
+    "backplane_url": ("backplane", "url"),
+    "node_id": ("backplane", "node_id"),
 }
 
 
@@ -66,6 +68,13 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--admin-tls-key", metavar="PEM", help="the admin certificate's key")
         command.add_argument("--log-format", choices=["text", "json"], help="default text")
         command.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+        command.add_argument(
+            "--backplane-url",
+            metavar="URL",
+            help="be a node of a cluster on this Redis/Valkey (redis://, rediss://, unix://, "
+            "redis+sentinel://)",
+        )
+        command.add_argument("--node-id", help="this node's id in the cluster (default host-pid)")
     return parser
 
 
@@ -125,7 +134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "check-config":
         mode = "dev mode (no auth)" if config.auth.dev_mode else f"JWT {config.auth.jwt_algorithm}"
-        print(f"configuration OK: {mode}, clients on {config.hub.host}:{config.hub.port}")
+        cluster = (
+            f", node {config.backplane.node_id or 'host-pid'} of a cluster"
+            if config.backplane.enabled
+            else ""
+        )
+        print(f"configuration OK: {mode}, clients on {config.hub.host}:{config.hub.port}{cluster}")
         return 0
     configure_logging(config.log.format, config.log.level)
     # Each client is a file descriptor: take all the process may have, and say

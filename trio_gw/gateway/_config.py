@@ -9,6 +9,7 @@ the value and what is allowed.
 from __future__ import annotations
 
 import os
+import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +18,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from .._backplane_core import SentinelUrl
 from .._config import (
     _ENV_PREFIX,
     HubConfig,
@@ -36,6 +38,7 @@ __all__ = [
     "AdminConfig",
     "AuthConfig",
     "BackendConfig",
+    "BackplaneConfig",
     "GatewayConfig",
     "LogConfig",
     "TlsConfig",
@@ -267,6 +270,103 @@ class TlsConfig:
         return self.cert_file is not None
 
 
+def _backplane_url(v: Any) -> bool:
+    if not isinstance(v, str):
+        return False
+    if v.startswith(f"{SentinelUrl.SCHEME}://"):
+        try:
+            SentinelUrl.parse(v)
+        except ValueError:
+            return False
+        return True
+    split = urlsplit(v)
+    if split.scheme == "unix":
+        return bool(split.path)
+    return split.scheme in ("redis", "rediss") and bool(split.hostname)
+
+
+def _node_id(v: Any) -> bool:
+    return isinstance(v, str) and bool(v) and ":" not in v and v.strip() == v
+
+
+def default_node_id() -> str:
+    """``<host name>-<process id>``: unique on a machine, readable in logs and presence."""
+    return f"{socket.gethostname().replace(':', '-')}-{os.getpid()}"
+
+
+@attrs.frozen(kw_only=True)
+class BackplaneConfig:
+    """``[backplane]``: run as one node of a cluster, connected through Redis or Valkey.
+
+    Without ``url`` the gateway is a single node. With it, every node that
+    shares the server (and ``prefix``) behaves as one hub: sends, closes and
+    the admin API reach every node, and presence counts them all.
+    """
+
+    #: ``redis://[user:password@]host:port[/db]``, ``rediss://...`` (TLS) or
+    #: ``unix:///path/to/socket``. A server in cluster mode is detected and used
+    #: as a Redis Cluster (sharded pub/sub). ``redis+sentinel://host:port[,host:port]/name``
+    #: asks Sentinels for the primary ``name``. Prefer TRIO_GW_BACKPLANE_URL when
+    #: it holds a password.
+    url: str | None = attrs.field(
+        default=None,
+        validator=_check(
+            _optional(_backplane_url),
+            "a redis://, rediss://, unix:// or redis+sentinel://host:port[,...]/service URL",
+        ),
+        repr=False,
+    )
+    #: This node's id, unique in the cluster; it prefixes the node's session ids.
+    #: Unset: ``<host name>-<process id>``.
+    node_id: str | None = attrs.field(
+        default=None, validator=_check(_optional(_node_id), "a non-empty id without ':'")
+    )
+    #: Prefixes every channel and key, so that clusters can share a server.
+    prefix: str = attrs.field(default="trio-gw", validator=_check(_node_id, "a non-empty name"))
+    #: Seconds between a node's presence heartbeats.
+    presence_interval: float = attrs.field(
+        default=2.0, validator=_check(_positive_number, "a number > 0 (seconds)")
+    )
+    #: Seconds a node stays in presence after its last heartbeat (a killed node
+    #: drops out within this); more than ``presence_interval``.
+    presence_ttl: float = attrs.field(
+        default=6.0, validator=_check(_positive_number, "a number > 0 (seconds)")
+    )
+    #: Publishes waiting to be sent at most; more are dropped and counted.
+    publish_queue_size: int = attrs.field(
+        default=10_000, validator=_check(_positive_int, "a positive integer (messages)")
+    )
+    #: Messages from other nodes waiting for this hub at most; more are dropped and counted.
+    inbox_size: int = attrs.field(
+        default=10_000, validator=_check(_positive_int, "a positive integer (messages)")
+    )
+    #: A message to more users than this goes once to the broadcast channel (every
+    #: node reads it) instead of once to each user's channel.
+    fanout_threshold: int = attrs.field(
+        default=64, validator=_check(_positive_int, "a positive integer (users)")
+    )
+    #: Seconds for connecting to the server and for any one of its replies.
+    timeout: float = attrs.field(
+        default=5.0, validator=_check(_positive_number, "a number > 0 (seconds)")
+    )
+    #: The longest wait between two attempts to reconnect, in seconds.
+    reconnect_max: float = attrs.field(
+        default=2.0, validator=_check(_positive_number, "a number > 0 (seconds)")
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if self.presence_ttl <= self.presence_interval:
+            raise ConfigError(
+                f"presence_ttl: expected more than presence_interval "
+                f"({self.presence_interval!r}), got {self.presence_ttl!r}"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        """True when this gateway is a node of a cluster."""
+        return self.url is not None
+
+
 def _upper(value: Any) -> Any:
     return value.upper() if isinstance(value, str) else value
 
@@ -296,6 +396,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "admin": AdminConfig,
     "tls": TlsConfig,
     "log": LogConfig,
+    "backplane": BackplaneConfig,
 }
 
 
@@ -315,6 +416,7 @@ class GatewayConfig:
     admin: AdminConfig = attrs.Factory(AdminConfig)
     tls: TlsConfig = attrs.Factory(TlsConfig)
     log: LogConfig = attrs.Factory(LogConfig)
+    backplane: BackplaneConfig = attrs.Factory(BackplaneConfig)
 
     def __attrs_post_init__(self) -> None:
         if self.auth.dev_mode and not is_loopback(self.hub.host):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import ssl
 import uuid
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import attrs
 import httpx
@@ -27,11 +27,14 @@ from .._wire import (
     unstructure,
 )
 from ._admin import serve_admin
-from ._config import GatewayConfig
+from ._config import GatewayConfig, default_node_id
 from ._forwarding import BackendForwarder, request_error
 from ._history import History, serve_history
 from ._jwt import JwtVerifier, jwt_authorizer
 from ._metrics import GatewayMetrics
+
+if TYPE_CHECKING:
+    from .._redis_backplane import RedisBackplane
 
 __all__ = ["Gateway", "check_gateway_config", "serve_gateway"]
 
@@ -99,6 +102,8 @@ class Gateway:
     metrics: GatewayMetrics
     _verifier: JwtVerifier | None
     _forwarder: BackendForwarder | None
+    #: The Redis backplane when ``[backplane] url`` is set (a node of a cluster), else None.
+    backplane: RedisBackplane | None = None
     port: int = 0
     admin_port: int | None = None
     _ready: bool = False
@@ -114,13 +119,17 @@ class Gateway:
     def not_ready_reason(self) -> str | None:
         """Why ``/readyz`` answers 503, or None when it answers 200.
 
-        Not ready: before the listener is bound, once a shutdown starts, and
-        while an ``auth.jwks_url`` key set has never been loaded.
+        Not ready: before the listener is bound, once a shutdown starts,
+        while an ``auth.jwks_url`` key set has never been loaded, and while
+        the backplane's connection or its subscriber is down.
         """
         if not self._ready:
             return "not serving (starting or shutting down)"
         if self._verifier is not None and not self._verifier.keys_loaded:
             return "no signing keys loaded yet from auth.jwks_url"
+        if self.backplane is not None and not self.backplane.up:
+            stats = self.backplane.statistics()
+            return f"backplane {stats.state}: {stats.last_error or 'not connected yet'}"
         return None
 
     def shutdown(self) -> None:
@@ -342,16 +351,25 @@ async def serve_gateway(
             # Clients are served after the first fetch, failed or not (then
             # handshakes get 503 until a retry loads the keys).
             await admin_nursery.start(verifier.serve_jwks_refresh)
+        backplane = _backplane(config)
+        node_id = "hub" if backplane is None else backplane.node_id
         async with open_hub(
-            "trio-gw", "hub", on_message, config=config.hub, authorizer=authorizer
+            "trio-gw",
+            node_id,
+            on_message,
+            config=config.hub,
+            authorizer=authorizer,
+            backplane=backplane,
         ) as hub:
             metrics = GatewayMetrics(hub.statistics, backend.max_inflight)
+            if backplane is not None:
+                metrics.watch_backplane(backplane.statistics)
             if verifier is not None and verifier.jwks_url is not None:
                 metrics.watch_jwks(verifier.jwks_statistics)
             forwarder = (
                 BackendForwarder(backend, client, metrics) if backend.url is not None else None
             )
-            gateway = Gateway(config, hub, metrics, verifier, forwarder)
+            gateway = Gateway(config, hub, metrics, verifier, forwarder, backplane)
             if config.admin.enabled:
                 await admin_nursery.start(
                     serve_history, gateway.history, hub.statistics, metrics.backend_errors_total
@@ -370,6 +388,27 @@ async def serve_gateway(
             # Leaving open_hub closes every session with 1001 after draining.
         admin_nursery.cancel_scope.cancel()
     logger.info("shut down")
+
+
+def _backplane(config: GatewayConfig) -> RedisBackplane | None:
+    """The Redis backplane ``[backplane]`` asks for, or None for a single node."""
+    settings = config.backplane
+    if settings.url is None:
+        return None
+    from .._redis_backplane import RedisBackplane
+
+    return RedisBackplane(
+        settings.url,
+        settings.node_id or default_node_id(),
+        prefix=settings.prefix,
+        publish_queue_size=settings.publish_queue_size,
+        inbox_size=settings.inbox_size,
+        fanout_threshold=settings.fanout_threshold,
+        presence_interval=settings.presence_interval,
+        presence_ttl=settings.presence_ttl,
+        timeout=settings.timeout,
+        reconnect_max=settings.reconnect_max,
+    )
 
 
 async def _serve_clients(

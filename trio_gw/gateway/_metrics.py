@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 from .._statistics import STATISTICS, HubStatistics
 
 if TYPE_CHECKING:
+    from .._redis_backplane import BackplaneStatistics
     from ._jwt import JwksStatistics
 
 __all__ = ["CONTENT_TYPE", "GatewayMetrics"]
@@ -72,6 +73,49 @@ class _JwksCollector(Collector):
                 "Seconds since auth.jwks_url was last fetched successfully.",
                 max(0.0, time.time() - s.loaded_at),
             )
+
+
+class _BackplaneCollector(Collector):
+    """The Redis backplane's state and counters, read per scrape."""
+
+    def __init__(self, statistics: Callable[[], BackplaneStatistics]) -> None:
+        self._statistics = statistics
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._statistics()
+        yield GaugeMetricFamily(
+            "trio_gw_backplane_up",
+            "1 while the backplane is connected and its subscriber listens, else 0.",
+            1 if s.state == "up" else 0,
+        )
+        for name, help_text, value in (
+            ("reconnects", "Backplane connections made after the first.", s.reconnects),
+            ("outages", "Times the backplane connection was lost.", s.outages),
+            ("published", "Envelopes published to other nodes.", s.published),
+            ("publish_batches", "Pipelined round trips that published them.", s.publish_batches),
+            (
+                "publish_drops",
+                "Messages for other nodes dropped: backplane down, queue full, or batch lost.",
+                s.publish_drops,
+            ),
+            ("received", "Envelopes received from other nodes.", s.received),
+            (
+                "receive_drops",
+                "Envelopes from other nodes dropped (hub inbox full, or unreadable).",
+                s.receive_drops,
+            ),
+        ):
+            yield CounterMetricFamily(f"trio_gw_backplane_{name}", help_text, value)
+        yield GaugeMetricFamily(
+            "trio_gw_backplane_subscriptions",
+            "Channels the server has confirmed for this node now.",
+            s.subscriptions,
+        )
+        yield GaugeMetricFamily(
+            "trio_gw_backplane_queued_publishes",
+            "Publishes waiting for the next batch now.",
+            s.queued_publishes,
+        )
 
 
 class GatewayMetrics:
@@ -133,6 +177,10 @@ class GatewayMetrics:
     def watch_jwks(self, statistics: Callable[[], JwksStatistics]) -> None:
         """Export the ``auth.jwks_url`` metrics, reading ``statistics()`` at each scrape."""
         self.registry.register(_JwksCollector(statistics))
+
+    def watch_backplane(self, statistics: Callable[[], BackplaneStatistics]) -> None:
+        """Export the Redis backplane's metrics, reading ``statistics()`` at each scrape."""
+        self.registry.register(_BackplaneCollector(statistics))
 
     def exposition(self) -> bytes:
         """The metrics in Prometheus's text format."""

@@ -114,6 +114,24 @@ def _page_of(item: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+_NODE_COUNTS = {
+    "type": "object",
+    "additionalProperties": {"type": "integer", "minimum": 1},
+    "description": "Sessions per node id, for the nodes where there are some.",
+}
+
+
+def _with_complete(schema: dict[str, Any]) -> dict[str, Any]:
+    """Add the ``complete`` flag of answers that count the whole cluster."""
+    schema["required"] = [*schema["required"], "complete"]
+    schema["properties"]["complete"] = {
+        "type": "boolean",
+        "description": "False if the other nodes could not be asked (the backplane is "
+        "down): the counts are this node's only.",
+    }
+    return schema
+
+
 def _schemas() -> dict[str, Any]:
     nullable_number = {"type": ["number", "null"]}
     return {
@@ -129,7 +147,8 @@ def _schemas() -> dict[str, Any]:
                 "sessions": {
                     "type": "integer",
                     "minimum": 0,
-                    "description": "Sessions on this hub the command reached.",
+                    "description": "Sessions the command is addressed to, on every node "
+                    "(this node's only while the backplane is down).",
                 }
             },
         },
@@ -191,24 +210,66 @@ def _schemas() -> dict[str, Any]:
             },
         },
         "SessionPage": _page_of(_ref("SessionInfo")),
-        "UserPage": _page_of(
+        "UserPage": _with_complete(
+            _page_of(
+                {
+                    "type": "object",
+                    "required": ["user_id", "sessions", "nodes"],
+                    "properties": {
+                        "user_id": {"type": "string"},
+                        "sessions": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "description": "Sessions on every node of the cluster.",
+                        },
+                        "nodes": _NODE_COUNTS,
+                    },
+                }
+            )
+        ),
+        "UserSessions": _with_complete(
             {
                 "type": "object",
-                "required": ["user_id", "sessions"],
+                "required": ["user_id", "items", "sessions", "nodes"],
                 "properties": {
                     "user_id": {"type": "string"},
-                    "sessions": {"type": "integer", "minimum": 1},
+                    "items": {
+                        "type": "array",
+                        "items": _ref("SessionInfo"),
+                        "description": "The user's sessions on this node.",
+                    },
+                    "sessions": {
+                        "type": "integer",
+                        "minimum": 0,
+                        "description": "The user's sessions on every node.",
+                    },
+                    "nodes": _NODE_COUNTS,
                 },
             }
         ),
-        "UserSessions": {
-            "type": "object",
-            "required": ["user_id", "items"],
-            "properties": {
-                "user_id": {"type": "string"},
-                "items": {"type": "array", "items": _ref("SessionInfo")},
-            },
-        },
+        "Cluster": _with_complete(
+            {
+                "type": "object",
+                "required": ["node_id", "connections", "users", "nodes"],
+                "properties": {
+                    "node_id": {"type": "string", "description": "The node that answered."},
+                    "connections": {"type": "integer", "minimum": 0},
+                    "users": {"type": "integer", "minimum": 0},
+                    "nodes": {
+                        "type": "object",
+                        "description": "Sessions and users per live node.",
+                        "additionalProperties": {
+                            "type": "object",
+                            "required": ["sessions", "users"],
+                            "properties": {
+                                "sessions": {"type": "integer", "minimum": 0},
+                                "users": {"type": "integer", "minimum": 0},
+                            },
+                        },
+                    },
+                },
+            }
+        ),
         "Statistics": {
             "type": "object",
             "required": [
@@ -216,6 +277,8 @@ def _schemas() -> dict[str, Any]:
                 *(statistic.name for statistic in STATISTICS),
                 "backend_inflight",
                 "backend_max_inflight",
+                "cluster",
+                "backplane",
             ],
             "properties": {
                 "time": {"type": "number"},
@@ -229,6 +292,12 @@ def _schemas() -> dict[str, Any]:
                 },
                 "backend_inflight": {"type": "integer", "minimum": 0},
                 "backend_max_inflight": {"type": "integer", "minimum": 0},
+                "cluster": _ref("Cluster"),
+                "backplane": {
+                    "type": ["object", "null"],
+                    "description": "The Redis backplane's state and counters "
+                    "(null: a single node, no [backplane] url).",
+                },
             },
         },
         "History": {

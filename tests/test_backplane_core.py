@@ -1,0 +1,202 @@
+"""The Redis backplane's pure core (trio_gw/_backplane_core.py): no trio, no sockets, no Redis."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from trio_gw._backplane import BackplaneClose, BackplaneDeliver
+from trio_gw._backplane_core import (
+    Backoff,
+    ChannelNames,
+    EnvelopeError,
+    PublishQueue,
+    SentinelUrl,
+    Subscriptions,
+    decode_envelope,
+    encode_envelope,
+    envelope_origin,
+    route,
+)
+from trio_gw._frames import encode_frame
+from trio_gw._targets import ToAll, ToSession, ToUsers
+
+NAMES = ChannelNames("t")
+ids = st.text(min_size=1, max_size=20)
+targets = st.one_of(
+    st.builds(ToSession, ids),
+    st.builds(ToUsers, st.frozensets(ids, max_size=5)),
+    st.just(ToAll()),
+)
+messages = st.one_of(
+    st.text(max_size=300),
+    st.binary(max_size=70_000),
+    st.dictionaries(st.text(max_size=5), st.integers(-(2**31), 2**31), max_size=3),
+)
+
+
+@given(origin=ids, target=targets, message=messages)
+def test_a_delivery_crosses_with_the_same_wire_bytes(origin, target, message) -> None:
+    frame = encode_frame(message)
+    decoded_origin, decoded = decode_envelope(
+        encode_envelope(origin, BackplaneDeliver(target, frame))
+    )
+    assert decoded_origin == origin
+    assert isinstance(decoded, BackplaneDeliver)
+    assert decoded.target == target
+    assert decoded.frame.wire == frame.wire
+    assert decoded.frame.data == frame.data
+    assert decoded.frame.is_text == frame.is_text
+
+
+@given(origin=ids, target=targets, message=messages)
+def test_the_origin_is_read_without_decoding(origin, target, message) -> None:
+    data = encode_envelope(origin, BackplaneDeliver(target, encode_frame(message)))
+    assert envelope_origin(data) == origin
+    assert envelope_origin(data[:5]) is None
+    assert envelope_origin(b"nope") is None
+
+
+@given(origin=ids, target=targets, code=st.integers(1000, 4999), reason=st.text(max_size=100))
+def test_a_close_crosses(origin, target, code, reason) -> None:
+    message = BackplaneClose(target, code, reason)
+    assert decode_envelope(encode_envelope(origin, message)) == (origin, message)
+
+
+@given(st.binary(max_size=200))
+def test_garbage_is_an_envelope_error_never_a_crash(data) -> None:
+    with contextlib.suppress(EnvelopeError):
+        decode_envelope(data)
+
+
+def test_truncated_and_foreign_envelopes_are_refused() -> None:
+    data = encode_envelope("n1", BackplaneDeliver(ToSession("n2:x"), encode_frame("hi")))
+    with pytest.raises(EnvelopeError, match="not a trio-gw envelope"):
+        decode_envelope(b"hello")
+    with pytest.raises(EnvelopeError, match="truncated"):
+        decode_envelope(data[:8])
+
+
+def test_routing_by_interest() -> None:
+    frame = encode_frame({"x": 1})
+    to_session = route(BackplaneDeliver(ToSession("n2:abc"), frame), "n1", NAMES)
+    assert [channel for channel, _ in to_session] == [b"t:n:n2"]
+    # A session id naming no node, or this node, goes nowhere.
+    assert route(BackplaneDeliver(ToSession("abc"), frame), "n1", NAMES) == []
+    assert route(BackplaneDeliver(ToSession("n1:abc"), frame), "n1", NAMES) == []
+    # One envelope per user channel, each naming only its user.
+    to_users = route(BackplaneDeliver(ToUsers(frozenset({"b", "a"})), frame), "n1", NAMES)
+    assert [channel for channel, _ in to_users] == [b"t:u:a", b"t:u:b"]
+    assert [decode_envelope(payload)[1].target for _, payload in to_users] == [
+        ToUsers(frozenset({"a"})),
+        ToUsers(frozenset({"b"})),
+    ]
+    # Many users: once, on the broadcast channel, with the whole list.
+    many = ToUsers(frozenset(str(i) for i in range(5)))
+    wide = route(BackplaneDeliver(many, frame), "n1", NAMES, fanout_threshold=4)
+    assert [channel for channel, _ in wide] == [b"t:all"]
+    assert decode_envelope(wide[0][1])[1].target == many
+    to_all = route(BackplaneClose(ToAll(), 1000, "bye"), "n1", NAMES)
+    assert [channel for channel, _ in to_all] == [b"t:all"]
+
+
+def test_the_publish_queue_is_bounded_and_batches_in_order() -> None:
+    queue = PublishQueue(max_messages=3, max_bytes=10)
+    assert queue.offer([(b"c", b"1234")])
+    assert queue.offer([(b"c", b"5678")])
+    assert not queue.offer([(b"c", b"abc")])  # 11 bytes
+    assert not queue.offer([(b"c", b"a"), (b"c", b"b")])  # all or nothing: 4 messages
+    assert queue.offer([(b"c", b"a")])
+    assert len(queue) == 3 and queue.queued_bytes == 9
+    assert queue.take(max_messages=10, max_bytes=8) == [(b"c", b"1234"), (b"c", b"5678")]
+    assert queue.take(max_messages=10, max_bytes=8) == [(b"c", b"a")]
+    assert queue.take(max_messages=10, max_bytes=8) == []
+    assert queue.queued_bytes == 0
+    # A publish larger than a batch still goes, alone.
+    assert queue.offer([(b"c", b"0123456789")])
+    assert queue.take(max_messages=10, max_bytes=1) == [(b"c", b"0123456789")]
+    queue.offer([(b"c", b"x"), (b"c", b"y")])
+    assert queue.clear() == 2 and len(queue) == 0 and queue.queued_bytes == 0
+
+
+class SubscriptionMachine(RuleBasedStateMachine):
+    """Whatever the order of wants, partial reconciliations and reconnects, reconciling to
+    the end leaves the server holding exactly the wanted channels, fixed ones included."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.subs = Subscriptions(frozenset({b"n", b"all"}))
+        self.model: set[bytes] = {b"n", b"all"}
+
+    @rule(channel=st.sampled_from([b"u1", b"u2", b"u3", b"n"]))
+    def want(self, channel: bytes) -> None:
+        self.subs.want(channel)
+        self.model.add(channel)
+
+    @rule(channel=st.sampled_from([b"u1", b"u2", b"u3", b"n"]))
+    def unwant(self, channel: bytes) -> None:
+        self.subs.unwant(channel)
+        if channel not in (b"n", b"all"):
+            self.model.discard(channel)
+
+    @rule(n=st.integers(1, 3))
+    def reconcile_some(self, n: int) -> None:
+        subscribe, unsubscribe = self.subs.pending(n)
+        assert len(subscribe) <= n and len(unsubscribe) <= n
+        self.subs.confirmed(subscribe, unsubscribe)
+
+    @rule(kept=st.sets(st.sampled_from([b"u1", b"u2", b"u3", b"n", b"all"])))
+    def server_drops_some(self, kept: set[bytes]) -> None:
+        before = self.subs.active
+        gone = self.subs.lost(kept)
+        assert set(gone) == before - kept
+        assert self.subs.active == before & kept
+
+    @rule()
+    def reconnect(self) -> None:
+        self.subs.reset()
+        assert self.subs.active == frozenset()
+
+    @precondition(lambda self: True)
+    @rule()
+    def reconcile_all(self) -> None:
+        while not self.subs.in_sync:
+            self.subs.confirmed(*self.subs.pending(2))
+        assert self.subs.active == self.model
+
+    @invariant()
+    def wanted_matches_the_model(self) -> None:
+        assert self.subs.wanted == self.model
+
+
+TestSubscriptions = SubscriptionMachine.TestCase
+
+
+def test_backoff_doubles_up_to_its_maximum_and_resets() -> None:
+    backoff = Backoff(0.1, 0.5)
+    assert [backoff.delay() for _ in range(5)] == [0.1, 0.2, 0.4, 0.5, 0.5]
+    backoff.reset()
+    assert backoff.delay() == 0.1
+    assert Backoff(1, 8, jitter=lambda d: d / 2).delay() == 0.5
+
+
+def test_sentinel_urls() -> None:
+    parsed = SentinelUrl.parse("redis+sentinel://:s%40cret@h1:26379,[::1]:26380/my%20primary")
+    assert parsed.sentinels == (("h1", 26379), ("::1", 26380))
+    assert parsed.service_name == "my primary"
+    assert parsed.username is None and parsed.password == "s@cret"
+    assert "s@cret" not in repr(parsed)
+    assert SentinelUrl.parse("redis+sentinel://u:p@h:1/x").username == "u"
+    for bad in (
+        "redis://h:1/x",
+        "redis+sentinel://h:1",
+        "redis+sentinel://h/x",
+        "redis+sentinel://h:99999/x",
+        "redis+sentinel://h:1,/x",
+    ):
+        with pytest.raises(ValueError, match="expected"):
+            SentinelUrl.parse(bad)
