@@ -14,7 +14,7 @@ import orjson
 import trio
 from wsproto.frame_protocol import Opcode
 
-from trio_gw import Reply, Session
+from trio_gw import Reply, Session, serve_hub
 from trio_gw._frames import encode_frame
 from trio_gw._wsproto_engine import DEFLATE_MIN_SIZE, StreamWriter
 
@@ -248,7 +248,7 @@ async def test_a_pong_waits_for_the_frame_half_written_before_it() -> None:
             await hub.send_message(raw.session_id, "m" * (512 << 10))
             await wait_for(lambda: writer._batch is not None)  # half out, the rest queued
             await raw.stream.send_all(frame(PING, b"are you there"))
-            await wait_for(lambda: bool(writer._held))  # the pong waits for a frame boundary
+            await wait_for(lambda: writer.holding)  # the pong waits for a frame boundary
             await raw.read_until(lambda frames: any(f.opcode is Opcode.PONG for f in frames))
             frames = raw.frames()
             kinds = [f.opcode for f in frames]
@@ -257,3 +257,142 @@ async def test_a_pong_waits_for_the_frame_half_written_before_it() -> None:
             assert frames[2].payload == b"are you there"
             assert close_code(frames) is None
             await raw.stream.aclose()
+
+
+# --- found by the attack review ------------------------------------------------------
+
+
+async def test_a_ping_flood_from_a_client_that_does_not_read_holds_one_pong() -> None:
+    """Thousands of pings from a client that never reads: the hub holds at most one pong
+    (RFC 6455 5.5.3: a pong may answer only the latest ping), not one per ping; once the
+    client reads, what it gets parses, and it ends with a pong."""
+    with trio.fail_after(TIMEOUT):
+        async with running_hub(echo, heartbeat_interval=0) as (hub, url):
+            raw = await RawClient.open(port_of(url), "flood", rcvbuf=4096)
+            session = hub.get_handler(raw.session_id)
+            assert session is not None
+            writer = session._writer
+            assert isinstance(writer, StreamWriter)
+            ping = frame(PING, b"p" * 125)
+            for _ in range(100):
+                await raw.stream.send_all(ping * 100)  # 10,000 pings, 1.3 MB
+            await wait_for(lambda: writer.holding)
+            assert len(writer._held_pong) <= 127
+            assert len(writer._take_held()) <= 2 * 127 + 127
+            await raw.stream.send_all(ping)
+            await raw.read_until(
+                lambda frames: len(frames) > 1 and frames[-1].opcode is Opcode.PONG
+            )
+            assert close_code(raw.frames()) is None
+            assert hub.statistics().connection_errors == 0
+            await raw.stream.aclose()
+
+
+async def test_over_tls_the_client_close_is_answered() -> None:
+    """Over wss the writer has no socket of its own: the answer to the client's close
+    frame waits for the writer task, which now runs before the connection ends."""
+    import ssl
+
+    import trustme
+    from trio_websocket import open_websocket_url
+
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    with trio.fail_after(TIMEOUT):
+        async with running_hub(echo) as (hub, _), trio.open_nursery() as nursery:
+            port = await nursery.start(
+                lambda task_status: serve_hub(
+                    hub, port=0, ssl_context=server_context, task_status=task_status
+                )
+            )
+            async with open_websocket_url(
+                f"wss://127.0.0.1:{port}/?token=tls", ssl_context=client_context
+            ) as ws:
+                await ws.get_message()  # hello
+                await ws.send_message('"over tls"')
+                assert orjson.loads(await ws.get_message()) == {"echo": "over tls"}
+            assert ws.closed is not None and ws.closed.code == 1000  # the server answered
+            await wait_for(lambda: hub.statistics().sessions_closed == 1)
+            assert hub.statistics().closes_by_code == {1000: 1}
+            nursery.cancel_scope.cancel()
+
+
+async def test_compressed_messages_cannot_bypass_the_inbound_queue() -> None:
+    """Frames of 1 KiB that inflate to 1 MiB each, to a slow callback: no more than about
+    ``inbound_queue_size`` of them are inflated and waiting (the rest stays unread)."""
+    release = trio.Event()
+
+    async def slow(reply: Reply, handler: Session, message: Any) -> None:
+        await release.wait()
+
+    ext = f"Sec-WebSocket-Extensions: {OFFER}\r\n".encode()
+    one = deflate_frame(b'"' + b"a" * ((1 << 20) - 100) + b'"')
+    with trio.fail_after(TIMEOUT):
+        async with running_hub(slow, compression=True, inbound_queue_size=4) as (hub, url):
+            stream = await connect(port_of(url))
+            await stream.send_all(offering(upgrade("/?token=zipper"), ext))
+            await wait_for(lambda: hub.statistics().connections == 1)
+            for _ in range(60):
+                await stream.send_all(one)
+            (session_id,) = hub.session_ids()
+            session = hub.get_handler(session_id)
+            assert session is not None
+            await wait_for(lambda: session._conn.inbound_backlog() >= 4)
+            await trio.sleep(0.2)  # were it to read on, it would have by now
+            assert session._conn.inbound_backlog() <= 4 + 2  # one slice may finish two more
+            release.set()
+            await stream.aclose()
+
+
+async def test_a_deflate_offer_with_a_bad_window_size_is_declined() -> None:
+    """``client_max_window_bits=abc`` used to raise inside wsproto: now the offer is
+    declined (the 101 names no extension) and nothing reaches the error boundary."""
+    with trio.fail_after(TIMEOUT):
+        async with running_hub(echo, compression=True) as (hub, url):
+            for offer in ("client_max_window_bits=abc", "server_max_window_bits=", "x; y=1"):
+                header = f"Sec-WebSocket-Extensions: permessage-deflate; {offer}\r\n".encode()
+                stream = await connect(port_of(url))
+                await stream.send_all(offering(upgrade("/?token=odd"), header))
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += await stream.receive_some(65536)
+                assert head.startswith(b"HTTP/1.1 101 "), head
+                assert b"sec-websocket-extensions" not in head.lower().partition(b"\r\n\r\n")[0]
+                await stream.aclose()
+            await wait_for(lambda: hub.statistics().sessions_closed == 3)
+            assert hub.statistics().connection_errors == 0
+
+
+async def test_a_ping_between_compressed_fragments_leaves_the_message_whole() -> None:
+    """RFC 6455 5.4 allows a control frame between fragments; in a compressed message it
+    used to end the inflating, and the rest was read as plain text (1007)."""
+    ext = f"Sec-WebSocket-Extensions: {OFFER}\r\n".encode()
+    text = b'"' + b"hello world " * 50 + b'"'
+    compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -15)
+    body = (compressor.compress(text) + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
+    half = len(body) // 2
+    fragments = (
+        frame(TEXT, body[:half], fin=False, rsv=0b100)
+        + frame(PING, b"between")
+        + frame(0x0, body[half:])
+    )
+    with trio.fail_after(TIMEOUT):
+        async with running_hub(echo, compression=True) as (hub, url):
+            stream = await connect(port_of(url))
+            await stream.send_all(offering(upgrade("/?token=frag"), ext) + fragments)
+            data = b""
+            while len(server_frames(data.partition(b"\r\n\r\n")[2])) < 3:
+                data += await stream.receive_some(65536)
+            frames = server_frames(data.partition(b"\r\n\r\n")[2])[:3]
+            assert (Opcode.PONG.value | 0x80, b"between") in frames
+            texts = [
+                orjson.loads(inflate(payload) if first & 0x40 else payload)
+                for first, payload in frames
+                if first & 0x0F == Opcode.TEXT.value
+            ]
+            assert {"echo": text[1:-1].decode()} in texts
+            assert hub.statistics().closes_by_code == {}
+            await stream.aclose()

@@ -503,6 +503,12 @@ class Session:
         # their replies are counted as drops.
         with trio.move_on_after(self._config.close_timeout):
             await self._wait_for_work()
+        if self._writer_started:
+            # What the writer still holds (the answer to the client's close
+            # frame, say) goes out, unless the socket will not take it.
+            self._close_outbound()
+            with trio.move_on_after(self._config.close_timeout):
+                await self._writer_done.wait()
         nursery.cancel_scope.cancel()
 
     async def _read_loop(self) -> None:

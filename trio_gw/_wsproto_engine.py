@@ -57,7 +57,7 @@ from wsproto.events import (
     TextMessage,
 )
 from wsproto.extensions import PerMessageDeflate
-from wsproto.frame_protocol import CloseReason
+from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, RsvBits
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
@@ -77,6 +77,8 @@ _MAX_REQUEST_HEAD = 16 * 1024
 # Messages shorter than this are sent uncompressed even when deflate is on:
 # compressing them costs more than the bytes it saves.
 DEFLATE_MIN_SIZE = 128
+# With compression, received bytes are fed to wsproto this many at a time.
+_DEFLATE_SLICE = 2048
 # The window the client may compress with, when it lets us choose
 # (client_max_window_bits); inflating needs a window of 2**bits bytes.
 _CLIENT_WINDOW_BITS = 12
@@ -87,7 +89,13 @@ class _BoundedDeflate(PerMessageDeflate):
 
     wsproto inflates whatever a frame holds, so a small compressed frame could
     expand to gigabytes; here a message that inflates past ``max_size`` fails
-    with 1009 as soon as it does.
+    with 1009 as soon as it does. Two more fixes to wsproto 1.3.2's extension:
+
+    * a control frame between the fragments of a compressed message (RFC 6455
+      5.4 allows one) ended the message's inflating, and the rest of it was
+      read as if uncompressed; control frames now pass through untouched;
+    * an offer with a window size that is no number (``client_max_window_bits=x``)
+      raised ``ValueError``; it is declined instead.
     """
 
     def __init__(self, max_size: int) -> None:
@@ -98,12 +106,20 @@ class _BoundedDeflate(PerMessageDeflate):
         )
         self._max_size = max_size
         self._inflated = 0
+        self._control = False  # the frame being read is a control frame
 
     def accept(self, offer: str) -> bool | str | None:
         """Accept an offer; only ask for ``client_max_window_bits`` if the client allows it."""
+        if not _valid_deflate_offer(offer):
+            return None  # RFC 7692 7: decline an offer with unknown or repeated parameters
         allows_client_bits = "client_max_window_bits" in offer
         self._client_max_window_bits = _CLIENT_WINDOW_BITS if allows_client_bits else 15
-        answer = super().accept(offer)
+        try:
+            answer = super().accept(offer)
+        except ValueError:  # a window size that is no number: decline this offer
+            self._server_max_window_bits = self.DEFAULT_SERVER_MAX_WINDOW_BITS
+            self._enabled = False
+            return None
         if (
             isinstance(answer, str)
             and allows_client_bits
@@ -117,10 +133,23 @@ class _BoundedDeflate(PerMessageDeflate):
         """The window the server compresses with (what the client allowed)."""
         return self.server_max_window_bits
 
+    def frame_inbound_header(
+        self,
+        proto: FrameDecoder | FrameProtocol,
+        opcode: Opcode,
+        rsv: RsvBits,
+        payload_length: int,
+    ) -> CloseReason | RsvBits:
+        """A control frame leaves the state of the message it interrupts alone."""
+        self._control = opcode.iscontrol()
+        if self._control:
+            return CloseReason.PROTOCOL_ERROR if rsv.rsv1 else RsvBits(True, False, False)
+        return super().frame_inbound_header(proto, opcode, rsv, payload_length)
+
     def frame_inbound_payload_data(self, proto: object, data: bytes) -> bytes | CloseReason:
         """Inflate at most what is left of ``max_size``."""
         decompressor = self._decompressor
-        if not self._inbound_compressed or not self._inbound_is_compressible:
+        if self._control or not self._inbound_compressed or not self._inbound_is_compressible:
             return data
         if decompressor is None:  # pragma: no cover - wsproto made it in the header
             return CloseReason.INTERNAL_ERROR
@@ -136,10 +165,35 @@ class _BoundedDeflate(PerMessageDeflate):
 
     def frame_inbound_complete(self, proto: object, fin: bool) -> bytes | CloseReason | None:
         """The end of a frame: reset the count at the end of a message."""
+        if self._control:
+            return None
         result = super().frame_inbound_complete(proto, fin)  # type: ignore[arg-type]
         if fin:
             self._inflated = 0
         return result
+
+
+_DEFLATE_PARAMETERS = {
+    "client_no_context_takeover": False,  # name: takes a value
+    "server_no_context_takeover": False,
+    "client_max_window_bits": True,
+    "server_max_window_bits": True,
+}
+
+
+def _valid_deflate_offer(offer: str) -> bool:
+    """True if a permessage-deflate offer's parameters are known, once each, well formed."""
+    seen: set[str] = set()
+    for parameter in offer.split(";")[1:]:
+        name, equals, value = (part.strip() for part in parameter.partition("="))
+        if name not in _DEFLATE_PARAMETERS or name in seen:
+            return False
+        seen.add(name)
+        if equals and not (_DEFLATE_PARAMETERS[name] and value.strip('"').isdigit()):
+            return False
+        if name == "server_max_window_bits" and not equals:
+            return False  # RFC 7692 7.1.2.1: it needs a value
+    return True
 
 
 # What a handshake holds once the connection is accepted (see ``_release``).
@@ -258,7 +312,10 @@ class StreamWriter:
         "_busy",
         "_cut_whole",
         "_deflate_bits",
-        "_held",
+        "_held_close",
+        "_held_ping",
+        "_held_pong",
+        "_held_rest",
         "_sent",
         "_socket",
         "_stream",
@@ -276,14 +333,42 @@ class StreamWriter:
         self._batch: list[Frame] | None = None
         self._sent = 0
         self._cut_whole = 0
-        # Control frames (or the rest of one) waiting for a frame boundary.
-        self._held = b""
+        # Control frames waiting for a frame boundary: the rest of one that went
+        # out in part (it goes first), the latest pong (RFC 6455 5.5.3 lets a
+        # pong answer only the latest ping, so a ping flood holds one), a
+        # ping of our own, and a close frame. Bounded: at most four control frames.
+        self._held_rest = b""
+        self._held_pong = b""
+        self._held_ping = b""
+        self._held_close = b""
         self._busy = False  # the writer task is in ``write`` or ``resume``
         #: Called when bytes wait that only the writer task can write (it then
         #: calls ``resume``): the session queues a resume for its writer.
         self.on_blocked: Callable[[], None] | None = None
         #: Frames a close (None if one went out already); set by the connection.
         self.close_frame: Callable[[int, str], bytes | None] | None = None
+
+    @property
+    def holding(self) -> bool:
+        """True while control frames wait for the writer."""
+        return bool(self._held_rest or self._held_pong or self._held_ping or self._held_close)
+
+    def _take_held(self) -> bytes:
+        held = self._held_rest + self._held_pong + self._held_ping + self._held_close
+        self._held_rest = self._held_pong = self._held_ping = self._held_close = b""
+        return held
+
+    def hold(self, data: bytes, kind: str) -> None:
+        """Keep a control frame ("pong", "ping" or "close") for the writer.
+
+        Each kind replaces one held before: a pong need only answer the latest ping.
+        """
+        if kind == "close":
+            self._held_close = data
+        elif kind == "ping":
+            self._held_ping = data
+        else:
+            self._held_pong = data
 
     @property
     def exact(self) -> bool:
@@ -302,7 +387,7 @@ class StreamWriter:
     def write_nowait(self, frame: Frame) -> bool | None:
         """See ``FastWriter.write_nowait``."""
         sock = self._socket
-        if sock is None or self._busy or self._batch is not None or self._held:
+        if sock is None or self._busy or self._batch is not None or self.holding:
             return False
         wire = self._wire(frame)
         sent = _write_nowait(sock, wire)
@@ -314,17 +399,17 @@ class StreamWriter:
         self._sent = sent
         return None
 
-    def write_control_nowait(self, data: bytes) -> None:
-        """Write a control frame now if nothing is half written; else after that."""
+    def write_control_nowait(self, data: bytes, kind: str = "pong") -> None:
+        """Write a control frame now if nothing is half written; else hold it for the writer."""
         sock = self._socket
-        if self._busy or self._batch is not None or self._held or sock is None:
-            self._held += data
+        if self._busy or self._batch is not None or self.holding or sock is None:
+            self.hold(data, kind)
             if not self._busy:
                 self._blocked()
             return
         sent = _write_nowait(sock, data)
         if 0 <= sent < len(data):
-            self._held = data[sent:]  # the rest goes before anything else
+            self._held_rest = data[sent:]  # the rest goes before anything else
             self._blocked()
 
     def _blocked(self) -> None:
@@ -353,9 +438,8 @@ class StreamWriter:
             self._busy = False
 
     async def _write_held(self) -> None:
-        while self._held:
-            held, self._held = self._held, b""
-            await self._send_all(held)
+        while self.holding:
+            await self._send_all(self._take_held())
 
     async def _send_all(self, data: bytes) -> None:
         sock = self._socket
@@ -375,7 +459,7 @@ class StreamWriter:
         """See ``FrameWriter.write``."""
         self._busy = True
         try:
-            if self._held:
+            if self.holding:
                 await self._write_held()
             data = self._join(frames)
             sock = self._socket
@@ -391,7 +475,7 @@ class StreamWriter:
                     if sent == len(data)
                     else await self._write_slowly(frames, data, sent)
                 )
-            if self._held:
+            if self.holding:
                 await self._write_held()
             return written
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -443,8 +527,7 @@ class StreamWriter:
             rest = b"".join(wires)[self._sent : end]
             self._batch = None
             self._cut_whole = whole + (1 if rest else 0)
-        data = rest + self._held + close_frame
-        self._held = b""
+        data = rest + self._take_held() + close_frame
         if _write_nowait(sock, data) != len(data):
             return CloseWrite.BLOCKED
         return CloseWrite.SENT
@@ -465,6 +548,7 @@ class WsprotoConnection:
         "_room",
         "_size",
         "_stream",
+        "_unfed",
         "ended",
         "on_end",
         "writer",
@@ -495,6 +579,7 @@ class WsprotoConnection:
         self._pong: trio.Event | None = None
         self._closed_event: trio.Event | None = None
         self._inbound_limit = inbound_queue_size
+        self._unfed = b""  # received, not yet fed to wsproto (see ``_feed``)
         self._room: trio.Event | None = None  # the reader waits for the queue to shrink
 
     @property
@@ -524,15 +609,19 @@ class WsprotoConnection:
                 self._room = room = trio.Event()
                 await room.wait()
                 continue
-            data = await self._receive()
-            if not data:
-                self._end()
-                break
+            data: bytes | bytearray
+            if self._unfed:
+                data, self._unfed = self._unfed, b""
+            else:
+                data = await self._receive()
+                if not data:
+                    self._end()
+                    break
             self._feed(data)
             if self._messages:
                 on_waiting()
         writer = self.writer
-        if not (writer._held or writer._busy or writer._batch is not None):
+        if not (writer.holding or writer._busy or writer._batch is not None):
             # The close frames went out (or the client left): the server closes
             # TCP first (RFC 6455 7.1.1), while what the client sent before is
             # still being processed.
@@ -586,6 +675,25 @@ class WsprotoConnection:
         raise NotImplementedError("wsproto connections are read with receive_messages")
 
     def _feed(self, data: bytes | bytearray) -> None:
+        """Feed what the client sent to wsproto, and act on its events.
+
+        With compression, a few KiB can inflate to many messages of up to
+        ``max_message_size`` each: the bytes are fed in slices, and what is
+        left once ``inbound_queue_size`` messages wait is kept (``_unfed``)
+        for when the dispatcher has taken some.
+        """
+        if self.writer._deflate_bits is None or len(data) <= _DEFLATE_SLICE:
+            self._feed_slice(data)
+            return
+        for start in range(0, len(data), _DEFLATE_SLICE):
+            self._feed_slice(data[start : start + _DEFLATE_SLICE])
+            if self.ended:
+                return
+            if self._messages is not None and len(self._messages) >= self._inbound_limit:
+                self._unfed = bytes(data[start + _DEFLATE_SLICE :])
+                return
+
+    def _feed_slice(self, data: bytes | bytearray) -> None:
         protocol = self._protocol
         try:
             protocol.receive_data(bytes(data))
@@ -642,14 +750,14 @@ class WsprotoConnection:
         self._peer_code = int(event.code)
         if state is ConnectionState.REMOTE_CLOSING:
             # The client began the close: answer with its code (RFC 6455 5.5.1).
-            self.writer.write_control_nowait(protocol.send(event.response()))
+            self.writer.write_control_nowait(protocol.send(event.response()), "close")
         self._end()
 
     def _fail(self, code: int, reason: str) -> None:
         """The client broke the protocol: send ``code`` and stop reading."""
         protocol = self._protocol
         if protocol.state is ConnectionState.OPEN:
-            self.writer.write_control_nowait(protocol.send(CloseConnection(code, reason)))
+            self.writer.write_control_nowait(protocol.send(CloseConnection(code, reason)), "close")
         self._peer_code = int(code)  # recorded as the connection's close code
         self._end()
 
@@ -685,7 +793,7 @@ class WsprotoConnection:
         if self._pong is None:
             self._pong = trio.Event()
         pong = self._pong
-        self.writer.write_control_nowait(protocol.send(Ping(b"trio-gw")))
+        self.writer.write_control_nowait(protocol.send(Ping(b"trio-gw")), "ping")
         await pong.wait()
         if self.ended:
             raise ConnectionEnded
@@ -705,8 +813,8 @@ class WsprotoConnection:
         writer = self.writer
         frame = self.close_frame(code, reason)
         if frame is not None:
-            writer._held += frame
-        if writer._held and not writer._busy:
+            writer.hold(frame, "close")
+        if writer.holding and not writer._busy:
             try:
                 await writer.resume()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
