@@ -11,12 +11,13 @@ import zlib
 from typing import Any
 
 import orjson
+import pytest
 import trio
 from wsproto.frame_protocol import Opcode
 
 from trio_gw import Reply, Session, serve_hub
 from trio_gw._frames import encode_frame
-from trio_gw._wsproto_engine import DEFLATE_MIN_SIZE, StreamWriter
+from trio_gw._wsproto_engine import DEFLATE_MIN_SIZE, StreamWriter, _Deflate
 
 from .conftest import TIMEOUT, running_hub, wait_for
 from .test_hostile import (
@@ -396,3 +397,32 @@ async def test_a_ping_between_compressed_fragments_leaves_the_message_whole() ->
             assert {"echo": text[1:-1].decode()} in texts
             assert hub.statistics().closes_by_code == {}
             await stream.aclose()
+
+
+@pytest.mark.parametrize(
+    ("offer", "answer"),
+    [
+        ("permessage-deflate", "server_no_context_takeover; client_no_context_takeover"),
+        (
+            "permessage-deflate; client_max_window_bits",
+            "server_no_context_takeover; client_no_context_takeover; client_max_window_bits=12",
+        ),
+        (
+            "permessage-deflate; client_max_window_bits=10; server_max_window_bits=11",
+            "server_no_context_takeover; client_no_context_takeover; "
+            "server_max_window_bits=11; client_max_window_bits=10",
+        ),
+        ("permessage-deflate; server_max_window_bits=8", None),  # zlib cannot compress so
+        ("permessage-deflate; server_max_window_bits", None),  # RFC 7692 7.1.2.1
+        ("permessage-deflate; client_max_window_bits=16", None),
+        ("permessage-deflate; client_max_window_bits=abc", None),
+        ("permessage-deflate; client_no_context_takeover=1", None),
+        ("permessage-deflate; x=1", None),
+        ("permessage-deflate; client_max_window_bits; client_max_window_bits", None),
+    ],
+)
+def test_deflate_offers_are_answered_or_declined(offer: str, answer: str | None) -> None:
+    """The hub's answer to each offer (RFC 7692 7): always no context takeover both ways."""
+    extension = _Deflate(1 << 20)
+    assert extension.accept(offer) == answer
+    assert extension.enabled() is (answer is not None)

@@ -56,7 +56,7 @@ from wsproto.events import (
     Request,
     TextMessage,
 )
-from wsproto.extensions import PerMessageDeflate
+from wsproto.extensions import Extension
 from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, RsvBits
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
@@ -84,54 +84,65 @@ _DEFLATE_SLICE = 2048
 _CLIENT_WINDOW_BITS = 12
 
 
-class _BoundedDeflate(PerMessageDeflate):
-    """wsproto's permessage-deflate with inflating bounded by the message size limit.
+class _Deflate(Extension):
+    """permessage-deflate (RFC 7692) as the hub speaks it, on wsproto's extension API.
 
-    wsproto inflates whatever a frame holds, so a small compressed frame could
-    expand to gigabytes; here a message that inflates past ``max_size`` fails
-    with 1009 as soon as it does. Two more fixes to wsproto 1.3.2's extension:
+    The hub always answers ``server_no_context_takeover`` and
+    ``client_no_context_takeover``: every message is compressed on its own
+    (the hub compresses a message once for all its recipients, see
+    ``Frame.deflated``), and a client message is inflated by a decompressor
+    made for it and dropped after it. Inflating stops at ``max_size``: a small
+    frame that would inflate to gigabytes fails with 1009 as soon as it passes
+    the limit. A control frame between the fragments of a compressed message
+    (RFC 6455 5.4) passes through and leaves the message's inflating alone.
 
-    * a control frame between the fragments of a compressed message (RFC 6455
-      5.4 allows one) ended the message's inflating, and the rest of it was
-      read as if uncompressed; control frames now pass through untouched;
-    * an offer with a window size that is no number (``client_max_window_bits=x``)
-      raised ``ValueError``; it is declined instead.
+    (wsproto's own ``PerMessageDeflate`` keeps compressors per connection,
+    inflates without a bound, lets a control frame between fragments end the
+    inflating, and raises on a window size that is no number.)
     """
 
+    name = "permessage-deflate"
+
     def __init__(self, max_size: int) -> None:
-        super().__init__(
-            client_no_context_takeover=True,
-            client_max_window_bits=_CLIENT_WINDOW_BITS,
-            server_no_context_takeover=True,
-        )
         self._max_size = max_size
-        self._inflated = 0
+        self._enabled = False
+        #: The window the server compresses with (what the client allowed).
+        self.deflate_bits = 15
+        self._inflate_bits = 15  # the window the client compresses with
+        self._decompressor: zlib._Decompress | None = None  # of the message being read
         self._control = False  # the frame being read is a control frame
+        self._inflated = 0
+
+    def enabled(self) -> bool:
+        """True once an offer was accepted."""
+        return self._enabled
+
+    def offer(self) -> bool | str:
+        """A server makes no offer."""
+        return False
 
     def accept(self, offer: str) -> bool | str | None:
-        """Accept an offer; only ask for ``client_max_window_bits`` if the client allows it."""
-        if not _valid_deflate_offer(offer):
-            return None  # RFC 7692 7: decline an offer with unknown or repeated parameters
-        allows_client_bits = "client_max_window_bits" in offer
-        self._client_max_window_bits = _CLIENT_WINDOW_BITS if allows_client_bits else 15
-        try:
-            answer = super().accept(offer)
-        except ValueError:  # a window size that is no number: decline this offer
-            self._server_max_window_bits = self.DEFAULT_SERVER_MAX_WINDOW_BITS
-            self._enabled = False
+        """Answer an offer, or decline it (None) if it is malformed (RFC 7692 7)."""
+        parameters = _deflate_parameters(offer)
+        if parameters is None:
             return None
-        if (
-            isinstance(answer, str)
-            and allows_client_bits
-            and "client_max_window_bits" not in answer
-        ):
-            answer += f"; client_max_window_bits={_CLIENT_WINDOW_BITS}"
-        return answer
-
-    @property
-    def deflate_bits(self) -> int:
-        """The window the server compresses with (what the client allowed)."""
-        return self.server_max_window_bits
+        answer = ["server_no_context_takeover", "client_no_context_takeover"]
+        server_bits = parameters.get("server_max_window_bits")
+        if server_bits is not None:
+            if not 9 <= server_bits <= 15:  # zlib cannot compress with a window of 8
+                return None
+            self.deflate_bits = server_bits
+            answer.append(f"server_max_window_bits={server_bits}")
+        if "client_max_window_bits" in parameters:
+            offered = parameters["client_max_window_bits"] or 15
+            if not 8 <= offered <= 15:
+                return None
+            bits = min(offered, _CLIENT_WINDOW_BITS)
+            # A window of 8 is inflated with 9 (a larger window reads any smaller one).
+            self._inflate_bits = max(bits, 9)
+            answer.append(f"client_max_window_bits={bits}")
+        self._enabled = True
+        return "; ".join(answer)
 
     def frame_inbound_header(
         self,
@@ -140,22 +151,36 @@ class _BoundedDeflate(PerMessageDeflate):
         rsv: RsvBits,
         payload_length: int,
     ) -> CloseReason | RsvBits:
-        """A control frame leaves the state of the message it interrupts alone."""
+        """RSV1 marks the first frame of a compressed message, and nothing else."""
         self._control = opcode.iscontrol()
-        if self._control:
+        if self._control or opcode is Opcode.CONTINUATION:
             return CloseReason.PROTOCOL_ERROR if rsv.rsv1 else RsvBits(True, False, False)
-        return super().frame_inbound_header(proto, opcode, rsv, payload_length)
+        self._inflated = 0
+        self._decompressor = zlib.decompressobj(-self._inflate_bits) if rsv.rsv1 else None
+        return RsvBits(True, False, False)
 
-    def frame_inbound_payload_data(self, proto: object, data: bytes) -> bytes | CloseReason:
+    def frame_inbound_payload_data(
+        self, proto: FrameDecoder | FrameProtocol, data: bytes
+    ) -> bytes | CloseReason:
         """Inflate at most what is left of ``max_size``."""
         decompressor = self._decompressor
-        if self._control or not self._inbound_compressed or not self._inbound_is_compressible:
+        if self._control or decompressor is None:
             return data
-        if decompressor is None:  # pragma: no cover - wsproto made it in the header
-            return CloseReason.INTERNAL_ERROR
-        room = self._max_size - self._inflated + 1
+        return self._inflate(decompressor, data)
+
+    def frame_inbound_complete(
+        self, proto: FrameDecoder | FrameProtocol, fin: bool
+    ) -> bytes | CloseReason | None:
+        """The end of a compressed message: the rest of the inflating, and no decompressor."""
+        decompressor = self._decompressor
+        if self._control or not fin or decompressor is None:
+            return None
+        self._decompressor = None
+        return self._inflate(decompressor, b"\x00\x00\xff\xff")  # RFC 7692 7.2.2
+
+    def _inflate(self, decompressor: zlib._Decompress, data: bytes) -> bytes | CloseReason:
         try:
-            out = decompressor.decompress(bytes(data), room)
+            out = decompressor.decompress(data, self._max_size - self._inflated + 1)
         except zlib.error:
             return CloseReason.INVALID_FRAME_PAYLOAD_DATA
         self._inflated += len(out)
@@ -163,37 +188,32 @@ class _BoundedDeflate(PerMessageDeflate):
             return CloseReason.MESSAGE_TOO_BIG
         return out
 
-    def frame_inbound_complete(self, proto: object, fin: bool) -> bytes | CloseReason | None:
-        """The end of a frame: reset the count at the end of a message."""
-        if self._control:
+
+def _deflate_parameters(offer: str) -> dict[str, int | None] | None:
+    """A permessage-deflate offer's parameters, or None if one is unknown, repeated or bad."""
+    parameters: dict[str, int | None] = {}
+    for parameter in offer.split(";")[1:]:
+        name, equals, raw = (part.strip() for part in parameter.partition("="))
+        value = raw.strip('"')
+        if name in parameters or name not in _DEFLATE_PARAMETERS:
             return None
-        result = super().frame_inbound_complete(proto, fin)  # type: ignore[arg-type]
-        if fin:
-            self._inflated = 0
-        return result
+        if not equals:
+            if name == "server_max_window_bits":
+                return None  # RFC 7692 7.1.2.1: it takes a value
+            parameters[name] = None
+        elif _DEFLATE_PARAMETERS[name] and value.isdigit() and len(value) <= 2:
+            parameters[name] = int(value)
+        else:
+            return None
+    return parameters
 
 
-_DEFLATE_PARAMETERS = {
-    "client_no_context_takeover": False,  # name: takes a value
+_DEFLATE_PARAMETERS = {  # name: whether it takes a value
+    "client_no_context_takeover": False,
     "server_no_context_takeover": False,
     "client_max_window_bits": True,
     "server_max_window_bits": True,
 }
-
-
-def _valid_deflate_offer(offer: str) -> bool:
-    """True if a permessage-deflate offer's parameters are known, once each, well formed."""
-    seen: set[str] = set()
-    for parameter in offer.split(";")[1:]:
-        name, equals, value = (part.strip() for part in parameter.partition("="))
-        if name not in _DEFLATE_PARAMETERS or name in seen:
-            return False
-        seen.add(name)
-        if equals and not (_DEFLATE_PARAMETERS[name] and value.strip('"').isdigit()):
-            return False
-        if name == "server_max_window_bits" and not equals:
-            return False  # RFC 7692 7.1.2.1: it needs a value
-    return True
 
 
 # What a handshake holds once the connection is accepted (see ``_release``).
@@ -250,7 +270,7 @@ class WsprotoUpgrade:
     async def accept(self) -> WsprotoConnection | None:
         """See ``Upgrade.accept``."""
         max_message_size, inbound_queue_size = self._limits
-        extensions = [_BoundedDeflate(max_message_size)] if self._compression else []
+        extensions = [_Deflate(max_message_size)] if self._compression else []
         handshake, trailing = self._handshake, self._trailing
         data = handshake.send(AcceptConnection(extensions=list(extensions)))
         protocol = handshake.connection
