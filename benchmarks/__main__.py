@@ -346,13 +346,19 @@ def fmt(value: Any) -> str:
 
 
 def baseline_note(table: str) -> str:
-    """What "trio_gw baseline" is, if the run measured one (``--baseline``)."""
-    if h.BASELINE not in table:
-        return ""
-    return (
-        f'\n"{h.BASELINE}" is an earlier checkout of trio_gw measured in the same run '
-        "(`--baseline DIR`), for before/after figures."
-    )
+    """What "trio_gw baseline" and the engine rows are, if the run measured them."""
+    note = ""
+    if "trio_gw trio-websocket" in table:
+        note += (
+            '\n"trio_gw" is the hub on its default connection engine (wsproto); '
+            '"trio_gw trio-websocket" is the same hub with `engine = "trio-websocket"`.'
+        )
+    if h.BASELINE in table:
+        note += (
+            f'\n"{h.BASELINE}" is an earlier checkout of trio_gw measured in the same run '
+            "(`--baseline DIR`), for before/after figures."
+        )
+    return note
 
 
 def results_page(table: str, args: argparse.Namespace, repeat: int) -> str:
