@@ -68,6 +68,7 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from ._connection import CloseWrite, ConnectionEnded, FrameWriter, NoRequest
 from ._frames import Frame
+from ._nonblocking import whole_frames, write_nowait
 
 __all__ = [
     "TESTED_TRIO_WEBSOCKET",
@@ -388,7 +389,7 @@ class FastWriter:
         ):
             return False
         wire = frame.wire
-        sent = _write_nowait(sock, wire)
+        sent = write_nowait(sock, wire)
         if sent == len(wire):
             return True
         if sent <= 0:
@@ -461,7 +462,11 @@ class FastWriter:
                 return len(frames)
             return await self._write_slowly(sock, frames, data, sent)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return _whole_frames(frames, self._sent) if self._batch is frames else 0
+            return (
+                whole_frames([len(f.wire) for f in frames], self._sent)
+                if self._batch is frames
+                else 0
+            )
         finally:
             lock.release()
 
@@ -476,9 +481,9 @@ class FastWriter:
             await trio.lowlevel.wait_writable(sock)
             if self._batch is not frames:
                 return self._cut_whole  # cut off by write_close_nowait
-            n = _write_nowait(sock, view[sent:])
+            n = write_nowait(sock, view[sent:])
             if n < 0:
-                return _whole_frames(frames, sent)
+                return whole_frames([len(f.wire) for f in frames], sent)
             sent += n
             self._sent = sent
         self._batch = None
@@ -501,28 +506,17 @@ class FastWriter:
         if batch is not None:
             # Finish the frame in progress, then stop: the writer writes
             # nothing more of its batch.
-            whole = _whole_frames(batch, self._sent)
+            whole = whole_frames([len(f.wire) for f in batch], self._sent)
             end = sum(len(frame.wire) for frame in batch[: whole + 1])
             rest = b"".join([f.wire for f in batch])[self._sent : end]
             self._batch = None
             self._cut_whole = whole
         data = rest + self._release_held() + self._proto.send(CloseConnection(code, reason))
-        if _write_nowait(sock, data) != len(data):
+        if write_nowait(sock, data) != len(data):
             return CloseWrite.BLOCKED
         if rest:
             self._cut_whole += 1
         return CloseWrite.SENT
-
-
-def _whole_frames(frames: list[Frame], sent: int) -> int:
-    """How many of ``frames`` lie whole within their first ``sent`` bytes."""
-    whole, end = 0, 0
-    for frame in frames:
-        end += len(frame.wire)
-        if end > sent:
-            break
-        whole += 1
-    return whole
 
 
 async def abort(ws: WebSocketConnection) -> None:
@@ -534,23 +528,6 @@ async def abort(ws: WebSocketConnection) -> None:
     """
     stream = getattr(ws, "_stream", None)
     await trio.aclose_forcefully(stream if isinstance(stream, trio.abc.Stream) else ws)
-
-
-def _write_nowait(sock: trio.socket.SocketType, data: bytes | memoryview) -> int:
-    """Write what the socket takes now; the count, or -1 if it is closed or broken.
-
-    The fd is read afresh (-1 once closed) with no await before the write, so
-    a closed socket's reused fd is never written.
-    """
-    fd = sock.fileno()
-    if fd < 0:
-        return -1
-    try:
-        return os.write(fd, data)
-    except BlockingIOError:
-        return 0
-    except OSError:
-        return -1
 
 
 def inbound_backlog(ws: WebSocketConnection) -> int:

@@ -64,6 +64,7 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 from ._close_codes import CloseCode
 from ._connection import CloseWrite, ConnectionEnded, NoRequest
 from ._frames import Frame
+from ._nonblocking import whole_frames, write_nowait
 
 __all__ = ["StreamWriter", "WsprotoConnection", "WsprotoUpgrade", "open_wsproto_connection"]
 
@@ -410,7 +411,7 @@ class StreamWriter:
         if sock is None or self._busy or self._batch is not None or self.holding:
             return False
         wire = self._wire(frame)
-        sent = _write_nowait(sock, wire)
+        sent = write_nowait(sock, wire)
         if sent == len(wire):
             return True
         if sent <= 0:
@@ -427,7 +428,7 @@ class StreamWriter:
             if not self._busy:
                 self._blocked()
             return
-        sent = _write_nowait(sock, data)
+        sent = write_nowait(sock, data)
         if 0 <= sent < len(data):
             self._held_rest = data[sent:]  # the rest goes before anything else
             self._blocked()
@@ -468,7 +469,7 @@ class StreamWriter:
             return
         view, sent = memoryview(data), 0
         while sent < len(data):
-            n = _write_nowait(sock, view[sent:])
+            n = write_nowait(sock, view[sent:])
             if n < 0:
                 raise trio.BrokenResourceError
             sent += n
@@ -487,7 +488,7 @@ class StreamWriter:
                 await self._stream.send_all(data)
                 written = len(frames)
             else:
-                sent = _write_nowait(sock, data)
+                sent = write_nowait(sock, data)
                 if sent < 0:
                     return 0
                 written = (
@@ -502,7 +503,7 @@ class StreamWriter:
             if self._batch is not frames:
                 return 0
             self._batch = None
-            return _whole_frames(self, frames, self._sent)
+            return whole_frames([len(self._wire(f)) for f in frames], self._sent)
         finally:
             self._busy = False
 
@@ -518,10 +519,10 @@ class StreamWriter:
             if self._batch is not frames:
                 whole, self._cut_whole = self._cut_whole, 0
                 return whole  # cut off by write_close_nowait
-            n = _write_nowait(sock, view[sent:])
+            n = write_nowait(sock, view[sent:])
             if n < 0:
                 self._batch = None
-                return _whole_frames(self, frames, sent)
+                return whole_frames([len(self._wire(f)) for f in frames], sent)
             sent += n
             self._sent = sent
         self._batch = None
@@ -541,14 +542,14 @@ class StreamWriter:
         if batch is not None:
             # Finish the frame in progress, then stop: the writer writes
             # nothing more of its batch.
-            whole = _whole_frames(self, batch, self._sent)
+            whole = whole_frames([len(self._wire(f)) for f in batch], self._sent)
             wires = [self._wire(f) for f in batch]
             end = sum(len(w) for w in wires[: whole + 1])
             rest = b"".join(wires)[self._sent : end]
             self._batch = None
             self._cut_whole = whole + (1 if rest else 0)
         data = rest + self._take_held() + close_frame
-        if _write_nowait(sock, data) != len(data):
+        if write_nowait(sock, data) != len(data):
             return CloseWrite.BLOCKED
         return CloseWrite.SENT
 
@@ -932,27 +933,3 @@ async def _send_quietly(stream: trio.abc.Stream, data: bytes) -> None:
     """Send ``data``; a peer that left meanwhile is ignored."""
     with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         await stream.send_all(data)
-
-
-def _whole_frames(writer: StreamWriter, frames: list[Frame], sent: int) -> int:
-    """How many of ``frames`` lie whole within their first ``sent`` bytes."""
-    whole, end = 0, 0
-    for frame in frames:
-        end += len(writer._wire(frame))
-        if end > sent:
-            break
-        whole += 1
-    return whole
-
-
-def _write_nowait(sock: trio.socket.SocketType, data: bytes | memoryview) -> int:
-    """Write what the socket takes now; the count, or -1 if it is closed or broken."""
-    fd = sock.fileno()
-    if fd < 0:
-        return -1
-    try:
-        return os.write(fd, data)
-    except BlockingIOError:
-        return 0
-    except OSError:
-        return -1
