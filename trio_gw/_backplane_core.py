@@ -329,20 +329,34 @@ def route(
 
 @attrs.define
 class PublishQueue:
-    """Publishes waiting for the next pipelined batch, bounded in count and bytes.
+    """Publishes waiting for the next pipelined batch, bounded in messages and bytes.
+
+    A message is what the hub handed over (``offer``): the publishes that
+    ``route`` made of it, one per user channel for a message to a few users.
+    The bound counts messages, as the hub does, so that a burst of messages
+    to ten users each takes as much of it as a burst to one user each; the
+    bytes bound keeps the memory in check whatever the split.
 
     Args:
-        max_messages: The most publishes held.
+        max_messages: The most messages held.
         max_bytes: The most payload bytes held.
     """
 
     max_messages: int
     max_bytes: int
     _items: deque[tuple[bytes, bytes]] = attrs.field(factory=deque, init=False)
+    # Publishes left in each message held, oldest first.
+    _messages: deque[int] = attrs.field(factory=deque, init=False)
     _bytes: int = attrs.field(default=0, init=False)
 
     def __len__(self) -> int:
+        """Publishes held (a message to several user channels holds several)."""
         return len(self._items)
+
+    @property
+    def queued_messages(self) -> int:
+        """Messages held now, including one partly taken."""
+        return len(self._messages)
 
     @property
     def queued_bytes(self) -> int:
@@ -350,19 +364,25 @@ class PublishQueue:
         return self._bytes
 
     def offer(self, items: list[tuple[bytes, bytes]]) -> bool:
-        """Queue all of ``items``, or none of them if they do not fit; True if queued."""
+        """Queue all of ``items`` (one message), or none if they do not fit; True if queued."""
+        if not items:
+            return True
         size = sum(len(payload) for _, payload in items)
-        if len(self._items) + len(items) > self.max_messages or self._bytes + size > self.max_bytes:
+        if len(self._messages) >= self.max_messages or self._bytes + size > self.max_bytes:
             return False
         self._items.extend(items)
+        self._messages.append(len(items))
         self._bytes += size
         return True
 
     def take(self, max_messages: int, max_bytes: int) -> list[tuple[bytes, bytes]]:
-        """The next batch, oldest first: at least one publish if any, then up to both limits."""
+        """The next batch, oldest first: at least one publish if any, then up to both limits.
+
+        ``max_messages`` counts publishes: one per round-trip command.
+        """
         batch: list[tuple[bytes, bytes]] = []
         size = 0
-        items = self._items
+        items, messages = self._items, self._messages
         while items and len(batch) < max_messages:
             channel, payload = items[0]
             if batch and size + len(payload) > max_bytes:
@@ -370,6 +390,9 @@ class PublishQueue:
             items.popleft()
             batch.append((channel, payload))
             size += len(payload)
+            messages[0] -= 1
+            if not messages[0]:
+                messages.popleft()
         self._bytes -= size
         return batch
 
@@ -377,6 +400,7 @@ class PublishQueue:
         """Drop everything held (the connection is down); returns how many publishes."""
         dropped = len(self._items)
         self._items.clear()
+        self._messages.clear()
         self._bytes = 0
         return dropped
 

@@ -9,7 +9,7 @@ import logging
 import math
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Any, NoReturn, TypeAlias
 
@@ -525,14 +525,21 @@ class HandlerManager:
 
     # --- backplane inbox ------------------------------------------------------
 
-    async def deliver_from_backplane(self, message: BackplaneMessage) -> None:
-        """Carry out what another node published (called by the backplane)."""
-        match message:
-            case BackplaneDeliver(target=target, frame=frame):
-                await self._submit(Deliver(target, frame, remote=True), internal=True)
-                await self._wait_for_flow(target)
-            case BackplaneClose(target=target, code=code, reason=reason):
-                await self._submit(Close(target, code, reason, remote=True), internal=True)
+    async def deliver_from_backplane(self, messages: Sequence[BackplaneMessage]) -> None:
+        """Carry out, in order, what other nodes published (called by the backplane).
+
+        The backplane hands over every message that arrived since its last
+        call. Deliveries take ``_send``'s path: handled at once while the actor
+        is idle, without yielding between them (up to the same budget of
+        offers), so that a burst that crossed the backplane reaches each
+        writer as one batch, as a local burst does.
+        """
+        for message in messages:
+            match message:
+                case BackplaneDeliver(target=target, frame=frame):
+                    await self._send(target, frame, remote=True)
+                case BackplaneClose(target=target, code=code, reason=reason):
+                    await self._submit(Close(target, code, reason, remote=True), internal=True)
 
     # --- commands ------------------------------------------------------------
 
@@ -546,30 +553,39 @@ class HandlerManager:
             )
         return frame
 
-    async def _send(self, target: Target, frame: Frame, reply_to: Session | None = None) -> None:
+    async def _send(
+        self,
+        target: Target,
+        frame: Frame,
+        reply_to: Session | None = None,
+        *,
+        remote: bool = False,
+    ) -> None:
         """Deliver ``frame``: at once if the actor is idle, else through its queue.
 
         A reply (``reply_to``) is delivered while the hub is shutting down too,
-        so that a draining session still gets its answers.
+        so that a draining session still gets its answers; so is a ``remote``
+        frame (another node sent it), which is not published again.
         """
+        internal = reply_to is not None or remote
         budget = max(_MIN_OFFERS_PER_YIELD, _MESSAGES_PER_YIELD * self._registry.session_count)
         if self._offers_since_yield >= budget:
             self._offers_since_yield = 0
             await trio.lowlevel.checkpoint()
         else:
             await trio.lowlevel.checkpoint_if_cancelled()
-        self._check_running(reply_to is not None)
+        self._check_running(internal)
         # Checked after any yield, and nothing awaits between the check and the
         # delivery: if nothing is queued ahead of this send, handling it here
         # is exactly what the actor would do next (the same ``handle``, the
         # same order, one task switch fewer).
-        command = Deliver(target, frame, reply_to=reply_to)
+        command = Deliver(target, frame, remote=remote, reply_to=reply_to)
         if self._actor_idle():
             # At least one per send: a loop of sends that reach nobody yields too.
             self._offers_since_yield += max(1, self._run_command(command))
         else:
             self._offers_since_yield += 1
-            await self._submit(command, internal=reply_to is not None)
+            await self._submit(command, internal=internal)
         router = self._router
         if router._pressured or router.over_budget():
             await self._wait_for_flow(target)

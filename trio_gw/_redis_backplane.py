@@ -27,6 +27,8 @@ import logging
 import math
 import random
 import time
+from collections import deque
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
@@ -177,6 +179,47 @@ class _SentinelPool(SentinelConnectionPool):
         )
 
 
+async def _consume_in_batches(
+    pubsub: Any, connection: BaseConnection, checked_in: Callable[[], None]
+) -> None:
+    """Move every push message ``connection`` has parsed to ``pubsub``'s stream at once.
+
+    coredis 6.9's consumers move one message per ``await`` (anyio's
+    ``receive`` checkpoints even when a message is there), so a burst of
+    publishes reached the backplane one message per scheduler pass, and the
+    hub woke every writer once per message. Here one wake-up moves everything
+    the last read parsed, and calls ``checked_in`` (the keepalive's clock)
+    once. ``_handle_message`` only awaits per-channel callbacks, which the
+    backplane does not use.
+    """
+    buffer = connection._push_message_buffer_out
+    send = pubsub._send_stream
+    try:
+        while True:
+            response = await buffer.receive()
+            checked_in()
+            while True:
+                send.send_nowait(await pubsub._handle_message(response))
+                try:
+                    response = buffer.receive_nowait()
+                except anyio.WouldBlock:
+                    break
+    except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError) as err:
+        raise coredis.exceptions.ConnectionError(
+            "Connection lost while waiting for push messages"
+        ) from err
+
+
+class _PubSub(PubSub[bytes]):
+    """coredis 6.9's ``PubSub``, consuming push messages a batch at a time."""
+
+    async def _consume_push_messages(self) -> None:
+        def checked_in() -> None:
+            self._last_checkin = time.monotonic()
+
+        await _consume_in_batches(self, self.connection, checked_in)
+
+
 class _ShardedPubSub(ShardedPubSub[bytes]):
     """coredis 6.9's ``ShardedPubSub`` with its connections released when it ends.
 
@@ -184,8 +227,18 @@ class _ShardedPubSub(ShardedPubSub[bytes]):
     that it never closes, so every subscriber session leaks one connection per
     shard until the garbage collector finalizes the generators (trio then
     warns, ``ResourceWarning``). This is the same ``run`` (without the retry
-    policy, which the backplane does not use) with the stack closed.
+    policy, which the backplane does not use) with the stack closed. It also
+    consumes push messages a batch at a time, as ``_PubSub`` does.
     """
+
+    async def _consume_shard_push_messages(self, connection: BaseConnection) -> None:
+        assert isinstance(connection, ClusterConnection)
+        location = connection.location
+
+        def checked_in() -> None:
+            self._last_checkins[location] = time.monotonic()
+
+        await _consume_in_batches(self, connection, checked_in)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with AsyncExitStack() as stack:
@@ -222,7 +275,8 @@ class RedisBackplane:
             ``Sentinel``); the credentials are the primary's.
         node_id: This node's id, unique in the cluster; session ids name it.
         prefix: Prefixes every channel and key, so that clusters can share a server.
-        publish_queue_size: The most publishes waiting to be sent.
+        publish_queue_size: The most messages waiting to be sent (a message
+            to a few users counts once, however many user channels it goes to).
         publish_queue_bytes: The most bytes of publishes waiting to be sent.
         batch_size: The most publishes (and subscriptions) in one round trip.
         inbox_size: The most messages from other nodes waiting for the hub.
@@ -284,7 +338,10 @@ class RedisBackplane:
         self._backoff = Backoff(
             reconnect_initial, reconnect_max, jitter=lambda d: d * random.uniform(0.5, 1.0)
         )
-        self._inbox_send, self._inbox_recv = trio.open_memory_channel[BackplaneMessage](inbox_size)
+        # Messages from other nodes, waiting for the hub (see _read_loop, _deliver_loop).
+        self._inbox: deque[BackplaneMessage] = deque()
+        self._inbox_size = inbox_size
+        self._inbox_wakeup = trio.Event()
         self._publish_wakeup = trio.Event()
         self._subscribe_wakeup = trio.Event()
         self._client: coredis.Redis[bytes] | coredis.RedisCluster[bytes] | None = None
@@ -603,7 +660,7 @@ class RedisBackplane:
             pubsub = (
                 _ShardedPubSub(client.connection_pool, **pubsub_options)
                 if isinstance(client, coredis.RedisCluster)
-                else PubSub[bytes](client.connection_pool, **pubsub_options)
+                else _PubSub(client.connection_pool, **pubsub_options)
             )
             self._work_scope = trio.CancelScope()
             async with pubsub:
@@ -697,12 +754,28 @@ class RedisBackplane:
     # --- receiving ----------------------------------------------------------------
 
     async def _read_loop(self, pubsub: Any) -> NoReturn:
-        send = self._inbox_send
-        node_id = self._node_id
+        """Decode what arrives and queue it for the hub, a batch per wake-up, never waiting.
+
+        Everything coredis has parsed is taken at once (its stream's
+        ``receive_nowait``), so that a burst stays a burst up to the hub.
+        """
+        stream = pubsub._receive_stream
         while True:
-            message = await pubsub.get_message()
+            batch = [await stream.receive()]
+            while True:
+                try:
+                    batch.append(stream.receive_nowait())
+                except anyio.WouldBlock:
+                    break
+            self._accept(batch)
+
+    def _accept(self, batch: list[Any]) -> None:
+        """Decode the envelopes among ``batch``'s pub/sub messages into the inbox."""
+        inbox, node_id = self._inbox, self._node_id
+        before = len(inbox)
+        for message in batch:
             if message is None or message["type"] != "message":
-                continue
+                continue  # a subscription's acknowledgement
             data = message["data"]
             if envelope_origin(data) == node_id:
                 continue  # this node's own publish, already delivered locally
@@ -720,24 +793,32 @@ class RedisBackplane:
             if origin == node_id:
                 continue  # this node's own publish, already delivered locally
             self._received += 1
-            try:
-                send.send_nowait(decoded)
-            except trio.WouldBlock:
+            if len(inbox) >= self._inbox_size:
                 self._receive_drops += 1
                 self._log_receive_drop(
                     logging.WARNING,
                     "backplane: the hub is behind, a message from %s dropped",
                     origin,
                 )
+                continue
+            inbox.append(decoded)
+        if len(inbox) > before:
+            self._inbox_wakeup.set()
 
     async def _deliver_loop(self, inbox: BackplaneInbox) -> NoReturn:
-        async for message in self._inbox_recv:
+        """Hand the hub everything queued, in order, a batch at a time."""
+        while True:
+            if not self._inbox:
+                self._inbox_wakeup = trio.Event()
+                await self._inbox_wakeup.wait()
+                continue
+            batch = list(self._inbox)
+            self._inbox.clear()
             try:
-                await inbox.deliver_from_backplane(message)
+                await inbox.deliver_from_backplane(batch)
             except GatewayError as exc:  # the hub is shutting down
-                self._receive_drops += 1
-                logger.debug("backplane: message not delivered: %s", exc)
-        raise AssertionError("unreachable")  # pragma: no cover
+                self._receive_drops += len(batch)
+                logger.debug("backplane: messages not delivered: %s", exc)
 
     # --- publishing -------------------------------------------------------------
 
