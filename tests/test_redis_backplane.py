@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from tests._valkey import ValkeyServer, command, start_cluster, start_sentinel
 from tests.conftest import TIMEOUT, client, receive_json, wait_for
 from trio_gw import HandlerManager, HubConfig, Presence, RedisBackplane, dev_authorizer, open_hub
 from trio_gw import serve_hub as serve_hub_
+from trio_gw._backplane import BackplaneDeliver, BackplaneMessage
 
 
 @pytest.fixture
@@ -474,3 +475,39 @@ async def test_a_unix_socket_url(tmp_path: Path, short_dir: Path) -> None:
                 assert await ned.get_message() == "over a unix socket"
     finally:
         server.kill()
+
+
+class RecordingInbox:
+    """A BackplaneInbox that records each batch the backplane hands over."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[BackplaneMessage]] = []
+
+    async def deliver_from_backplane(self, messages: Sequence[BackplaneMessage]) -> None:
+        self.batches.append(list(messages))
+
+    def local_presence(self) -> dict[str, int]:
+        return {}
+
+
+async def test_a_burst_reaches_the_hub_in_a_few_batches(valkey: ValkeyServer) -> None:
+    """A burst published in one round trip is handed to the receiving hub a few batches at a
+    time, in order, not one message per scheduler pass (which woke every writer per message)."""
+    inbox = RecordingInbox()
+    receiver = RedisBackplane(valkey.url, "n2", timeout=2.0)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(receiver.serve, inbox)
+            async with node("n1", valkey.url) as (hub1, bp1, _):
+                await settled(bp1, receiver)
+                for i in range(200):
+                    await hub1.send_message_to_all(i)
+                await wait_for(lambda: sum(len(b) for b in inbox.batches) == 200)
+                assert bp1.statistics().publish_batches <= 2
+            received = [m for batch in inbox.batches for m in batch]
+            assert all(isinstance(m, BackplaneDeliver) for m in received)
+            frames = [m.frame.data for m in received if isinstance(m, BackplaneDeliver)]
+            assert frames == [str(i).encode() for i in range(200)]
+            assert len(inbox.batches) < 20
+            assert receiver.statistics().receive_drops == 0
+            nursery.cancel_scope.cancel()
