@@ -15,7 +15,8 @@ is ``down``, which the gateway turns into ``/readyz`` 503.
 
 Nothing waits on Redis on the hub's behalf: publishes go into a bounded queue
 (``publish_nowait``), and messages from other nodes go into a bounded inbox
-that one task hands to the hub, so that a slow hub drops remote messages
+that one task hands to the hub, everything that arrived together as one
+batch (a burst stays a burst), so that a slow hub drops remote messages
 (counted) instead of growing memory; Redis itself disconnects a subscriber
 that falls behind its ``client-output-buffer-limit pubsub``, which is survived
 like any other disconnection.
@@ -279,7 +280,8 @@ class RedisBackplane:
             to a few users counts once, however many user channels it goes to).
         publish_queue_bytes: The most bytes of publishes waiting to be sent.
         batch_size: The most publishes (and subscriptions) in one round trip.
-        inbox_size: The most messages from other nodes waiting for the hub.
+        inbox_size: The most messages from other nodes waiting for the hub or
+            being carried out by it.
         fanout_threshold: A message to more users than this goes once to the
             broadcast channel instead of once per user channel.
         presence_interval: Seconds between presence heartbeats.
@@ -342,6 +344,7 @@ class RedisBackplane:
         self._inbox: deque[BackplaneMessage] = deque()
         self._inbox_size = inbox_size
         self._inbox_wakeup = trio.Event()
+        self._delivering = 0  # messages of the batch the hub is carrying out now
         self._publish_wakeup = trio.Event()
         self._subscribe_wakeup = trio.Event()
         self._client: coredis.Redis[bytes] | coredis.RedisCluster[bytes] | None = None
@@ -793,7 +796,7 @@ class RedisBackplane:
             if origin == node_id:
                 continue  # this node's own publish, already delivered locally
             self._received += 1
-            if len(inbox) >= self._inbox_size:
+            if len(inbox) + self._delivering >= self._inbox_size:
                 self._receive_drops += 1
                 self._log_receive_drop(
                     logging.WARNING,
@@ -806,7 +809,12 @@ class RedisBackplane:
             self._inbox_wakeup.set()
 
     async def _deliver_loop(self, inbox: BackplaneInbox) -> NoReturn:
-        """Hand the hub everything queued, in order, a batch at a time."""
+        """Hand the hub everything queued, in order, a batch at a time.
+
+        The batch counts against ``inbox_size`` until the hub has carried it
+        out, so that at most ``inbox_size`` messages are held, waiting or
+        being delivered.
+        """
         while True:
             if not self._inbox:
                 self._inbox_wakeup = trio.Event()
@@ -814,11 +822,15 @@ class RedisBackplane:
                 continue
             batch = list(self._inbox)
             self._inbox.clear()
+            # Still counted against inbox_size until the hub is done with it.
+            self._delivering = len(batch)
             try:
                 await inbox.deliver_from_backplane(batch)
             except GatewayError as exc:  # the hub is shutting down
                 self._receive_drops += len(batch)
                 logger.debug("backplane: messages not delivered: %s", exc)
+            finally:
+                self._delivering = 0
 
     # --- publishing -------------------------------------------------------------
 
