@@ -22,7 +22,7 @@ returns the other live nodes' last heartbeats.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import NoReturn, Protocol
 
 import attrs
@@ -57,11 +57,12 @@ BackplaneMessage = BackplaneDeliver | BackplaneClose
 class BackplaneInbox(Protocol):
     """How a backplane hands remote messages to its hub."""
 
-    async def deliver_from_backplane(self, messages: Sequence[BackplaneMessage]) -> None:
+    async def deliver_from_backplane(self, messages: Iterable[BackplaneMessage]) -> None:
         """Carry out, in order, messages other nodes published.
 
         A backplane hands over at once every message that arrived together,
-        so that the hub can deliver a burst as one batch.
+        so that the hub can deliver a burst as one batch; it may decode them
+        as the hub iterates.
         """
         ...
 

@@ -9,7 +9,7 @@ import logging
 import math
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager, suppress
 from typing import Any, NoReturn, TypeAlias
 
@@ -525,7 +525,7 @@ class HandlerManager:
 
     # --- backplane inbox ------------------------------------------------------
 
-    async def deliver_from_backplane(self, messages: Sequence[BackplaneMessage]) -> None:
+    async def deliver_from_backplane(self, messages: Iterable[BackplaneMessage]) -> None:
         """Carry out, in order, what other nodes published (called by the backplane).
 
         The backplane hands over every message that arrived since its last
