@@ -332,7 +332,8 @@ class BackplaneConfig:
     presence_ttl: float = attrs.field(
         default=6.0, validator=_check(_positive_number, "a number > 0 (seconds)")
     )
-    #: Publishes waiting to be sent at most; more are dropped and counted.
+    #: Messages waiting to be published at most (a message to many users
+    #: counts once); more are dropped and counted.
     publish_queue_size: int = attrs.field(
         default=10_000, validator=_check(_positive_int, "a positive integer (messages)")
     )
