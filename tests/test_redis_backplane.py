@@ -24,16 +24,6 @@ from trio_gw._backplane import BackplaneDeliver, BackplaneMessage
 
 
 @pytest.fixture
-def valkey(tmp_path: Path) -> Iterator[ValkeyServer]:
-    server = ValkeyServer(tmp_path / "valkey")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
-
-
-@pytest.fixture
 def valkey_cluster(tmp_path: Path) -> Iterator[list[ValkeyServer]]:
     servers = start_cluster(tmp_path / "cluster")
     try:
