@@ -104,6 +104,47 @@ def test_routing_by_interest() -> None:
     assert [channel for channel, _ in to_all] == [b"t:all"]
 
 
+def test_a_message_to_as_many_users_as_listening_nodes_is_broadcast() -> None:
+    frame = encode_frame("x")
+    two = BackplaneDeliver(ToUsers(frozenset({"a", "b"})), frame)
+    one = BackplaneDeliver(ToUsers(frozenset({"a"})), frame)
+
+    def channels(message: BackplaneDeliver, listening: int | None) -> list[bytes]:
+        return [c for c, _ in route(message, "n1", NAMES, listening_nodes=listening)]
+
+    # Two nodes listening: a broadcast is one publish reaching both, per user two.
+    assert channels(two, 2) == [b"t:all"]
+    assert channels(one, 2) == [b"t:u:a"]
+    # Three nodes: per user is cheaper for two users.
+    assert channels(two, 3) == [b"t:u:a", b"t:u:b"]
+    # Unknown (a Cluster, or not counted yet): by interest.
+    assert channels(two, None) == [b"t:u:a", b"t:u:b"]
+    (payload,) = [p for _, p in route(two, "n1", NAMES, listening_nodes=2)]
+    assert decode_envelope(payload)[1].target == two.target
+
+
+@given(
+    users=st.frozensets(st.text("ab:é", min_size=1, max_size=3), min_size=1, max_size=8),
+    listening=st.none() | st.integers(min_value=1, max_value=10),
+    threshold=st.integers(min_value=1, max_value=10),
+)
+def test_every_route_names_each_user_once(
+    users: frozenset[str], listening: int | None, threshold: int
+) -> None:
+    message = BackplaneDeliver(ToUsers(users), encode_frame("x"))
+    items = route(message, "n1", NAMES, fanout_threshold=threshold, listening_nodes=listening)
+    named: list[str] = []
+    for channel, payload in items:
+        target = decode_envelope(payload)[1].target
+        assert isinstance(target, ToUsers)
+        if channel != NAMES.broadcast:
+            assert target.user_ids == {channel.removeprefix(b"t:u:").decode()}
+        named += target.user_ids
+    assert sorted(named) == sorted(users)
+    broadcast = len(users) > threshold or (listening is not None and len(users) >= listening)
+    assert (len(items) == 1 and items[0][0] == NAMES.broadcast) == broadcast
+
+
 def test_the_publish_queue_is_bounded_and_batches_in_order() -> None:
     queue = PublishQueue(max_messages=3, max_bytes=10)
     assert queue.offer([(b"c", b"1234")])

@@ -133,6 +133,47 @@ async def test_close_all_and_a_large_user_list_cross_nodes(valkey: ValkeyServer)
             await wait_for(lambda: not hub2.user_ids())
 
 
+async def test_a_send_to_several_users_takes_the_cheaper_route_in_order(
+    valkey: ValkeyServer,
+) -> None:
+    async def published_after(backplane: RedisBackplane, before: int) -> int:
+        await wait_for(lambda: backplane.statistics().published > before)
+        return backplane.statistics().published - before
+
+    heartbeat = {"presence_interval": 0.1, "presence_ttl": 1.0}
+    with trio.fail_after(TIMEOUT):
+        async with (
+            node("n1", valkey.url, **heartbeat) as (hub1, bp1, _),
+            node("n2", valkey.url) as (_, bp2, url2),
+            client(url2, "alice") as (alice, _),
+            client(url2, "bob") as (bob, _),
+        ):
+            await settled(bp1, bp2)
+            await wait_for(lambda: bp1.statistics().listening_nodes == 2)
+            # Two users, two nodes listening: one publish on the broadcast channel.
+            before = bp1.statistics().published
+            await hub1.send_message_to_user_ids(["alice", "bob"], "both")
+            assert await alice.get_message() == await bob.get_message() == "both"
+            assert await published_after(bp1, before) == 1
+            # Sends to bob alone take his channel, the others the broadcast
+            # channel; on one server the order between them is kept.
+            for i in range(40):
+                await hub1.send_message_to_user_ids(["bob"] if i % 2 else ["alice", "bob"], i)
+            assert [await receive_json(bob) for _ in range(40)] == list(range(40))
+            assert [await receive_json(alice) for _ in range(20)] == list(range(0, 40, 2))
+
+            async with node("n3", valkey.url) as (_, bp3, _):
+                await settled(bp3)
+                await wait_for(lambda: bp1.statistics().listening_nodes == 3)
+                # Three nodes listening: two users are cheaper per user channel.
+                before = bp1.statistics().published
+                await hub1.send_message_to_user_ids(["alice", "bob"], "per user")
+                assert await alice.get_message() == await bob.get_message() == "per user"
+                assert await published_after(bp1, before) == 2
+                assert bp3.statistics().received == 0  # n3 holds neither user
+            assert bp1.statistics().publish_drops == 0
+
+
 async def test_subscriptions_follow_the_users_of_the_node(valkey: ValkeyServer) -> None:
     with trio.fail_after(TIMEOUT):
         async with node("n1", valkey.url) as (_, bp1, url1):

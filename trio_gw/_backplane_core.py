@@ -10,8 +10,9 @@ Routing by interest:
 
 * a message to users goes to each user's channel (``<prefix>:u:<user_id>``),
   to which a node subscribes while it holds a session of that user; a message
-  to more than ``fanout_threshold`` users goes once to the broadcast channel
-  instead, and each node picks out its own sessions of those users;
+  to more users goes once to the broadcast channel instead, where that is the
+  cheaper route (see ``route``), and each node picks out its own sessions of
+  those users;
 * a message to a session goes to the channel of the node its id names
   (``<prefix>:n:<node_id>``);
 * a message to everyone goes to the broadcast channel (``<prefix>:all``).
@@ -291,14 +292,20 @@ def route(
     names: ChannelNames,
     *,
     fanout_threshold: int = 64,
+    listening_nodes: int | None = None,
 ) -> list[tuple[bytes, bytes]]:
     """The ``(channel, payload)`` pairs that carry ``message`` to the nodes concerned.
 
     A message to users is split into one envelope per user channel, each
     naming only that user, so that a node subscribed to several of them
-    delivers to each session once. Past ``fanout_threshold`` users it goes
-    once to the broadcast channel instead. A session id that names no node
-    goes nowhere (an empty list).
+    delivers to each session once. It goes once to the broadcast channel
+    instead, with the whole list, when that is cheaper: past
+    ``fanout_threshold`` users, or when it names at least ``listening_nodes``
+    users (the nodes a broadcast reaches, this one included, if known). Per
+    user channel, the message costs a publish per user and reaches at least
+    one node per user; on the broadcast channel, one publish that reaches
+    each listening node once. A session id that names no node goes nowhere
+    (an empty list).
     """
     target = message.target
     match target:
@@ -308,7 +315,9 @@ def route(
                 return []
             return [(names.node(node), encode_envelope(origin, message))]
         case ToUsers(user_ids=user_ids):
-            if len(user_ids) > fanout_threshold:
+            if len(user_ids) > fanout_threshold or (
+                listening_nodes is not None and len(user_ids) >= listening_nodes
+            ):
                 return [(names.broadcast, encode_envelope(origin, message))]
             return [
                 (

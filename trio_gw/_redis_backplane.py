@@ -96,6 +96,11 @@ class BackplaneStatistics:
         subscriptions: Channels the server has confirmed now.
         wanted_subscriptions: Channels this node needs now.
         queued_publishes: Publishes waiting for the next batch now.
+        listening_nodes: Nodes (this one included) that a message on the
+            broadcast channel reaches, as last counted (every
+            ``presence_interval``); None on a Redis Cluster or before the
+            first count. A message to at least this many users goes once to
+            the broadcast channel.
     """
 
     node_id: str
@@ -113,6 +118,7 @@ class BackplaneStatistics:
     subscriptions: int
     wanted_subscriptions: int
     queued_publishes: int
+    listening_nodes: int | None
 
 
 class _RateLimitedLog:
@@ -283,7 +289,9 @@ class RedisBackplane:
         inbox_size: The most messages from other nodes waiting for the hub or
             being carried out by it.
         fanout_threshold: A message to more users than this goes once to the
-            broadcast channel instead of once per user channel.
+            broadcast channel instead of once per user channel. On a single
+            server (not a Redis Cluster) so does a message to at least as many
+            users as there are nodes listening (``route``).
         presence_interval: Seconds between presence heartbeats.
         presence_ttl: Seconds a node stays in presence after its last heartbeat.
         timeout: Seconds for connecting and for any one reply from the server.
@@ -360,6 +368,10 @@ class RedisBackplane:
         self._up = False
         self._was_up = False  # the connection that just failed had been up
         self._cluster = False
+        # Nodes a broadcast reaches (PUBSUB NUMSUB, counted with each heartbeat);
+        # None while unknown, and always on a Cluster, where the broadcast
+        # channel is one shard's and user channels spread over all of them.
+        self._listening_nodes: int | None = None
         self._connections = 0
         self._outages = 0
         self._down_since: float | None = None
@@ -397,7 +409,13 @@ class RedisBackplane:
                 logging.WARNING, "backplane down: a message for other nodes was dropped"
             )
             return False
-        items = route(message, self._node_id, self._names, fanout_threshold=self._fanout_threshold)
+        items = route(
+            message,
+            self._node_id,
+            self._names,
+            fanout_threshold=self._fanout_threshold,
+            listening_nodes=self._listening_nodes,
+        )
         if not items:
             return True
         if not self._queue.offer(items):
@@ -438,6 +456,7 @@ class RedisBackplane:
             subscriptions=len(self._subscriptions.active),
             wanted_subscriptions=len(self._subscriptions.wanted),
             queued_publishes=len(self._queue),
+            listening_nodes=self._listening_nodes,
         )
 
     async def presence(self) -> dict[str, dict[str, int]]:
@@ -689,6 +708,7 @@ class RedisBackplane:
                             nursery.start_soon(self._presence_loop, client, inbox)
                 finally:
                     self._up = False
+                    self._listening_nodes = None
                     self._client = None
                     self._work_scope = None
                 if self._stopping:
@@ -878,6 +898,9 @@ class RedisBackplane:
             with trio.fail_after(self._timeout):
                 await client.set(names.presence(self._node_id), snapshot, px=ttl_ms)
                 await client.sadd(names.nodes, [self._node_id])
+                if not self._cluster:
+                    listeners = await client.pubsub_numsub(names.broadcast)
+                    self._listening_nodes = listeners.get(names.broadcast) or None
             await trio.sleep(self._presence_interval)
 
     async def _leave_presence(

@@ -342,7 +342,8 @@ class BackplaneConfig:
         default=10_000, validator=_check(_positive_int, "a positive integer (messages)")
     )
     #: A message to more users than this goes once to the broadcast channel (every
-    #: node reads it) instead of once to each user's channel.
+    #: node reads it) instead of once to each user's channel; on a single server,
+    #: so does one to at least as many users as there are nodes listening.
     fanout_threshold: int = attrs.field(
         default=64, validator=_check(_positive_int, "a positive integer (users)")
     )
