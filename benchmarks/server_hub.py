@@ -10,8 +10,10 @@ the ``settle`` command waits until its subscriptions are confirmed again.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
+import time
 from typing import Any
 
 import orjson
@@ -22,11 +24,46 @@ from trio_gw import HubConfig, Session
 
 from ._protocol import fanout_call, message, raise_fd_limit, rpc_response, user_draws
 
+_GC = {"collections": [0, 0, 0], "seconds": [0.0, 0.0, 0.0]}
+_gc_started = [0.0]
+_gc_forced = [False]
+
+
+def _gc_timer(phase: str, info: dict[str, Any]) -> None:
+    # Full collections cost ~100 ms with thousands of sessions: reported, so
+    # that a run's CPU can be told apart from its collector's.
+    if _gc_forced[0]:
+        return  # the settle command's own collection, outside any measured window
+    if phase == "start":
+        _gc_started[0] = time.perf_counter()
+    else:
+        generation = info["generation"]
+        _GC["collections"][generation] += 1
+        _GC["seconds"][generation] += time.perf_counter() - _gc_started[0]
+
+
+gc.callbacks.append(_gc_timer)
+
 
 async def settle(backplane: Any) -> None:
     """Wait until a backplane (if any) is up with every subscription confirmed."""
     # Polling: the backplane offers no event for it, and this is the harness's side.
     while backplane is not None and not backplane.in_sync:  # noqa: ASYNC110
+        await trio.sleep(0.01)
+
+
+async def warm_up(hub: trio_gw.HandlerManager) -> None:
+    """One message to every session, written: each session then has its writer.
+
+    A session makes its outbound queue and writer task when a frame first has
+    to wait for the socket, and keeps them; without this, a run's first burst
+    would pay that once-per-session set-up (and the collection the new
+    objects bring on) as if it were the cost of its deliveries.
+    """
+    before = hub.statistics()
+    await hub.send_message_to_all({"warmup": True})
+    # Polling: the writers report no event; bounded by the harness's timeout.
+    while hub.statistics().messages_out < before.messages_out + before.connections:  # noqa: ASYNC110
         await trio.sleep(0.01)
 
 
@@ -51,7 +88,14 @@ async def control(hub: trio_gw.HandlerManager, backplane: Any = None) -> None:
                         await trio.sleep_until(start + seq / rate)
                     await hub.send_message_to_all(message(seq, command["size"]).decode())
             elif op == "settle":
+                if command.get("warm"):
+                    await warm_up(hub)
                 await settle(backplane)
+                _gc_forced[0] = True
+                try:
+                    gc.collect()
+                finally:
+                    _gc_forced[0] = False
             elif op == "to_users":
                 draws = user_draws(
                     command["calls"], command["per_call"], command["users"], command["seed"]
@@ -68,6 +112,10 @@ async def control(hub: trio_gw.HandlerManager, backplane: Any = None) -> None:
                 "in": stats.messages_in,
                 "out": stats.messages_out,
                 "connections": stats.connections,
+                "gc": {
+                    "collections": list(_GC["collections"]),
+                    "seconds": [round(t, 4) for t in _GC["seconds"]],
+                },
             }
             if backplane is not None:
                 b = backplane.statistics()

@@ -39,6 +39,9 @@ def test_cluster_benchmark_runs_every_scenario(tmp_path: Path) -> None:
     for row in rows:
         assert row["complete"] and row["deliveries"] == row["expected"] > 0, row
         assert row["latency"]["p99_us"] >= row["latency"]["p50_us"] > 0, row
+        # The receiving node's collections in the window are reported.
+        gcs = row["gc"] if isinstance(row["gc"], list) else [row["gc"]]
+        assert gcs and all(len(g["collections"]) == 3 for g in gcs), row
         if row["setup"] == "two nodes":
             assert row["redis_cpu_us_per_delivery"] is not None, row
             backplane = row["backplane"]
