@@ -21,6 +21,7 @@ from trio_gw._backplane_core import (
     encode_envelope,
     envelope_origin,
     route,
+    with_tls_defaults,
 )
 from trio_gw._frames import encode_frame
 from trio_gw._targets import ToAll, ToSession, ToUsers
@@ -143,6 +144,24 @@ def test_every_route_names_each_user_once(
     assert sorted(named) == sorted(users)
     broadcast = len(users) > threshold or (listening is not None and len(users) >= listening)
     assert (len(items) == 1 and items[0][0] == NAMES.broadcast) == broadcast
+
+
+def test_tls_urls_check_the_host_name_unless_they_say_otherwise() -> None:
+    check = "ssl_check_hostname=true"
+    assert with_tls_defaults("rediss://h:6380") == f"rediss://h:6380?{check}"
+    assert (
+        with_tls_defaults("rediss://u:p%40w@h:6380/0?ssl_ca_certs=/ca.pem")
+        == f"rediss://u:p%40w@h:6380/0?ssl_ca_certs=/ca.pem&{check}"
+    )
+    # Said in the URL, or verification turned off: left as it is.
+    for url in (
+        "rediss://h/?ssl_check_hostname=false",
+        "rediss://h/?ssl_cert_reqs=none",
+        "redis://h:6379/0",
+        "unix:///run/redis.sock",
+        "redis+sentinel://s1:26379/primary",
+    ):
+        assert with_tls_defaults(url) == url
 
 
 def test_the_publish_queue_is_bounded_and_batches_in_order() -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import struct
 from collections import deque
 from collections.abc import Callable, Iterable
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 import attrs
 
@@ -45,6 +45,7 @@ __all__ = [
     "encode_envelope",
     "envelope_origin",
     "route",
+    "with_tls_defaults",
 ]
 
 # --- channels -----------------------------------------------------------------
@@ -81,6 +82,25 @@ class ChannelNames:
     def nodes(self) -> str:
         """The key of the set of node ids that have published presence."""
         return f"{self.prefix}:nodes"
+
+
+def with_tls_defaults(url: str) -> str:
+    """``url``, with the server's host name checked if it is a TLS URL that does not say.
+
+    coredis 6.9 checks a ``rediss://`` server's certificate chain but, unless
+    the URL has ``ssl_check_hostname=true``, not that the certificate names
+    the host: any certificate from a trusted CA would pass. The backplane
+    checks the name unless the URL sets ``ssl_check_hostname`` itself or
+    turns verification off (``ssl_cert_reqs=none``).
+    """
+    split = urlsplit(url)
+    if split.scheme != "rediss":
+        return url
+    query = parse_qs(split.query)
+    if "ssl_check_hostname" in query or query.get("ssl_cert_reqs") == ["none"]:
+        return url
+    check = "ssl_check_hostname=true"
+    return urlunsplit(split._replace(query=f"{split.query}&{check}" if split.query else check))
 
 
 @attrs.frozen

@@ -63,6 +63,7 @@ from ._backplane_core import (
     decode_envelope,
     envelope_origin,
     route,
+    with_tls_defaults,
 )
 from ._errors import BackplaneUnavailable, ConfigError, GatewayError
 
@@ -333,6 +334,7 @@ class RedisBackplane:
                 f"got {presence_ttl!r}"
             )
         self._url = url
+        self._connect_url = with_tls_defaults(url)
         self._node_id = node_id
         self._names = ChannelNames(prefix)
         self._batch_size = batch_size
@@ -606,7 +608,8 @@ class RedisBackplane:
             "stream_timeout": self._timeout,
         }
         single = _UnixConnection if self._url.startswith("unix:") else _TCPConnection
-        probe = coredis.Redis.from_url(self._url, retry_policy=NoRetryPolicy(), **options)
+        url = self._connect_url
+        probe = coredis.Redis.from_url(url, retry_policy=NoRetryPolicy(), **options)
         # from_url sets the connection class itself; ours closes what coredis leaves open.
         probe.connection_pool.connection_class = single
         async with probe:
@@ -616,14 +619,14 @@ class RedisBackplane:
         if info.get("cluster_enabled") in (1, "1"):
             # Given explicitly: coredis 6.9's from_url builds its startup node
             # the deprecated way and warns (DeprecationWarning) on every call.
-            split = urlsplit(self._url)
+            split = urlsplit(url)
             startup = TCPLocation(split.hostname or "127.0.0.1", split.port or 6379)
             client = coredis.RedisCluster.from_url(
-                self._url, retry_policy=NoRetryPolicy(), startup_nodes=[startup], **options
+                url, retry_policy=NoRetryPolicy(), startup_nodes=[startup], **options
             )
             client.connection_pool.connection_class = _ClusterConnection
         else:
-            client = coredis.Redis.from_url(self._url, retry_policy=NoRetryPolicy(), **options)
+            client = coredis.Redis.from_url(url, retry_policy=NoRetryPolicy(), **options)
             client.connection_pool.connection_class = single
         return client
 
@@ -929,7 +932,17 @@ def _is_connection_error(exc: BaseException) -> bool:
 
 
 def _describe(exc: BaseException) -> str:
-    """The first leaf of ``exc`` as ``Type: message``."""
+    """The first leaf of ``exc`` as ``Type: message``, with its direct cause if it has one.
+
+    coredis wraps what went wrong: a refused TLS certificate is a
+    ``ConnectionError`` ("Unable to establish a connection") whose cause
+    says "certificate verify failed"; without the cause it reads like an
+    unreachable server.
+    """
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
-    return f"{type(exc).__name__}: {exc}"
+    text = f"{type(exc).__name__}: {exc}"
+    cause = exc.__cause__
+    if cause is not None:
+        text += f" (caused by {type(cause).__name__}: {cause})"
+    return text
