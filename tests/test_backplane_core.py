@@ -154,9 +154,18 @@ def test_tls_urls_check_the_host_name_unless_they_say_otherwise() -> None:
         == f"rediss://u:p%40w@h:6380/0?ssl_ca_certs=/ca.pem&{check}"
     )
     # Said in the URL, or verification turned off: left as it is.
+    # As coredis reads the query: the first non-empty value counts.
+    assert with_tls_defaults("rediss://h/?ssl_cert_reqs=required&ssl_cert_reqs=none") == (
+        f"rediss://h/?ssl_cert_reqs=required&ssl_cert_reqs=none&{check}"
+    )
+    assert with_tls_defaults("rediss://h/?ssl_check_hostname=") == (
+        f"rediss://h/?ssl_check_hostname=&{check}"
+    )
     for url in (
         "rediss://h/?ssl_check_hostname=false",
         "rediss://h/?ssl_cert_reqs=none",
+        "rediss://h/?ssl_cert_reqs=&ssl_cert_reqs=none&ssl_cert_reqs=required",
+        "REDISS://h/?ssl_cert_reqs=none",
         "redis://h:6379/0",
         "unix:///run/redis.sock",
         "redis+sentinel://s1:26379/primary",

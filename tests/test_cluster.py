@@ -201,6 +201,13 @@ async def test_redis_killed_and_restarted(valkey: ValkeyServer) -> None:
             await post(n1, "/api/send/users", {"user_ids": ["erin"], "message": "after"})
             assert await erin1.get_message() == "after"
             assert await erin2.get_message() == "after"
+
+            # Both nodes listen to the broadcast channel again, as n1 counts them.
+            async def both_counted() -> bool:
+                metrics = (await get(n1, "/metrics")).text
+                return "trio_gw_backplane_listening_nodes 2.0" in metrics
+
+            await until(both_counted)
             metrics = (await get(n1, "/metrics")).text
             assert "trio_gw_backplane_up 1.0" in metrics
             assert "trio_gw_backplane_reconnects_total 1.0" in metrics

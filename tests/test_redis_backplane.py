@@ -174,6 +174,54 @@ async def test_a_send_to_several_users_takes_the_cheaper_route_in_order(
             assert bp1.statistics().publish_drops == 0
 
 
+def acl_denials(valkey: ValkeyServer, command: bytes) -> int:
+    """How many times the server refused ``command`` (``ACL LOG`` aggregates them)."""
+    entries = valkey.command("ACL", "LOG")
+    assert isinstance(entries, list)
+    total = 0
+    for entry in entries:
+        fields = dict(zip(entry[::2], entry[1::2], strict=True))
+        if fields[b"object"] == command:
+            total += int(fields[b"count"])
+    return total
+
+
+async def test_a_server_that_refuses_pubsub_numsub_costs_only_the_cheaper_route(
+    valkey: ValkeyServer,
+) -> None:
+    # A user allowed everything but PUBSUB's introspection (as some managed
+    # services and proxies do), with a password that a URL must percent-encode.
+    acl = ("ACL", "SETUSER", "gw", "on", ">p@w#1", "~*", "&*", "+@all", "-pubsub")
+    assert valkey.command(*acl) == "OK"
+    url = valkey.url.replace("redis://", "redis://gw:p%40w%231@")
+    heartbeat = {"presence_interval": 0.1, "presence_ttl": 1.0}
+    with trio.fail_after(TIMEOUT):
+        async with (
+            node("n1", url, **heartbeat) as (hub1, bp1, _),
+            node("n2", url, **heartbeat) as (_, bp2, url2),
+            client(url2, "alice") as (alice, _),
+            client(url2, "bob") as (bob, _),
+        ):
+            await settled(bp1, bp2)
+            # Each node asked once, was refused, and stopped asking on this connection.
+            await wait_for(lambda: acl_denials(valkey, b"pubsub|numsub") == 2)
+            before = bp1.statistics().published
+            for i in range(20):
+                await hub1.send_message_to_user_ids(["alice", "bob"], i)
+            assert [await receive_json(bob) for _ in range(20)] == list(range(20))
+            assert [await receive_json(alice) for _ in range(20)] == list(range(20))
+            # Per user channel, as without the count: two publishes a send.
+            await wait_for(lambda: bp1.statistics().published == before + 40)
+            # Several heartbeats later the connections are still the first ones.
+            await trio.sleep(0.5)
+            for backplane in (bp1, bp2):
+                stats = backplane.statistics()
+                assert stats.state == "up", stats.last_error
+                assert stats.outages == stats.reconnects == stats.publish_drops == 0
+                assert stats.listening_nodes is None
+            assert acl_denials(valkey, b"pubsub|numsub") == 2
+
+
 async def test_subscriptions_follow_the_users_of_the_node(valkey: ValkeyServer) -> None:
     with trio.fail_after(TIMEOUT):
         async with node("n1", valkey.url) as (_, bp1, url1):

@@ -11,13 +11,15 @@ Rules: real server, real sockets on 127.0.0.1, no mocks; every test under
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import attrs
@@ -73,9 +75,16 @@ class TLSRedis:
         return sum(text in line for line in self.log_file.read_text().splitlines())
 
 
-def tls_command(port: int, ca_file: Path, *args: str | bytes | int, timeout: float = 5.0) -> object:
+def tls_command(
+    port: int,
+    ca_file: Path,
+    *args: str | bytes | int,
+    timeout: float = 5.0,
+    check_hostname: bool = True,
+) -> object:
     """Run one command on 127.0.0.1:``port`` over TLS and return its reply (RESP2)."""
     context = ssl.create_default_context(cafile=str(ca_file))
+    context.check_hostname = check_hostname
     with (
         socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw,
         context.wrap_socket(raw, server_hostname="127.0.0.1") as sock,
@@ -271,3 +280,126 @@ async def test_a_gateway_process_on_a_rediss_url_is_ready(tls_redis: TLSRedis) -
             assert backplane["state"] == "up"
             assert backplane["last_error"] is None
             assert tls_redis.command("SMEMBERS", "trio-gw:nodes") == [b"n1"]
+
+
+@contextmanager
+def tls_cluster(directory: Path, names: tuple[str, ...], masters: int = 2) -> Iterator[list[int]]:
+    """A Redis Cluster of ``masters`` TLS-only nodes whose certificate names ``names``.
+
+    The nodes announce themselves as 127.0.0.1, the cluster bus is TLS too;
+    yields the nodes' TLS ports once the cluster is formed. Its CA is ``ca.pem``
+    in ``directory``.
+    """
+    assert REDIS_SERVER is not None
+    ca = trustme.CA()
+    certificate = ca.issue_cert(*names)
+    ca_file = write_ca(ca, directory / "ca.pem")
+    certificate.cert_chain_pems[0].write_to_path(str(directory / "server.pem"))
+    certificate.private_key_pem.write_to_path(str(directory / "server.key"))
+    ports, processes = [], []
+    try:
+        for i in range(masters):
+            node_dir = directory / f"node{i}"
+            node_dir.mkdir()
+            ports.append(free_port())
+            processes.append(
+                subprocess.Popen(
+                    [
+                        *(REDIS_SERVER, "--port", "0", "--tls-port", str(ports[-1])),
+                        *("--bind", "127.0.0.1", "--tls-cluster", "yes"),
+                        *("--tls-cert-file", str(directory / "server.pem")),
+                        *("--tls-key-file", str(directory / "server.key")),
+                        *("--tls-ca-cert-file", str(ca_file), "--tls-auth-clients", "no"),
+                        *("--cluster-enabled", "yes", "--cluster-port", str(free_port())),
+                        *("--cluster-config-file", str(node_dir / "nodes.conf")),
+                        *("--save", "", "--appendonly", "no", "--dir", str(node_dir)),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                )
+            )
+
+        def command(port: int, *args: str | int) -> object:
+            return tls_command(port, ca_file, *args, timeout=1, check_hostname=False)
+
+        deadline = time.monotonic() + START_TIMEOUT
+
+        def wait(condition: Callable[[], bool], what: str) -> None:
+            while True:
+                try:
+                    if condition():
+                        return
+                except OSError:  # not listening yet
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"TLS cluster: {what}")
+                time.sleep(0.05)
+
+        wait(lambda: all(command(p, "PING") == "PONG" for p in ports), "nodes did not start")
+        per = 16384 // masters
+        for i, port in enumerate(ports):
+            last = 16383 if i == masters - 1 else (i + 1) * per - 1
+            command(port, "CLUSTER", "ADDSLOTSRANGE", i * per, last)
+        for process in processes[1:]:
+            bus = process.args[process.args.index("--cluster-port") + 1]  # type: ignore[union-attr,index]
+            command(ports[0], "CLUSTER", "MEET", "127.0.0.1", ports[processes.index(process)], bus)
+        wait(
+            lambda: all(
+                f"cluster_known_nodes:{masters}" in str(command(p, "CLUSTER", "INFO"))
+                and "cluster_state:ok" in str(command(p, "CLUSTER", "INFO"))
+                for p in ports
+            ),
+            "the cluster did not form",
+        )
+        yield ports
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait(timeout=START_TIMEOUT)
+
+
+async def test_a_redis_cluster_over_tls(tmp_path: Path) -> None:
+    """Sharded pub/sub over TLS; the certificate must name the addresses the nodes announce."""
+    with tls_cluster(tmp_path, ("127.0.0.1", "localhost")) as ports:
+        url = f"rediss://localhost:{ports[0]}/?ssl_ca_certs={tmp_path / 'ca.pem'}"
+        with trio.fail_after(TIMEOUT):
+            async with (
+                node("n1", url) as (hub1, bp1, _),
+                node("n2", url) as (_, bp2, url2),
+                client(url2, "bob") as (bob, _),
+                client(url2, "carol") as (carol, _),
+            ):
+                await settled(bp1, bp2)
+                assert bp1.statistics().cluster and bp1.statistics().listening_nodes is None
+                await hub1.send_message_to_user_ids(["bob"], "over tls shards")
+                assert await bob.get_message() == "over tls shards"
+                await hub1.send_message_to_user_ids(["bob", "carol"], "both")
+                assert await bob.get_message() == await carol.get_message() == "both"
+
+
+# coredis 6.9 discovers a cluster's nodes through clients of its own
+# (``ClusterNode.as_client``, a plain ``ClusterConnection``), whose failed
+# connections leave their anyio streams unclosed for the collector to warn about.
+@pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <function MemoryObject(Send|Receive)Stream.__del__"
+    ":pytest.PytestUnraisableExceptionWarning"
+)
+async def test_a_cluster_certificate_that_does_not_name_its_nodes_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The URL names localhost; the nodes announce 127.0.0.1, which the certificate does not."""
+    with tls_cluster(tmp_path, ("localhost",)) as ports:
+        url = f"rediss://localhost:{ports[0]}/?ssl_ca_certs={tmp_path / 'ca.pem'}"
+        with trio.fail_after(TIMEOUT):
+            async with node("n1", url, reconnect_max=0.05) as (_, bp1, _):
+                await wait_for(lambda: bp1.statistics().last_error is not None)
+                error = bp1.statistics().last_error
+                assert bp1.statistics().state == "down"
+                assert error is not None and "IP address mismatch" in error, error
+                assert "'127.0.0.1'" in error, error
+            gc.collect()  # the leaked streams warn here, under this test's filter
+            # Told not to check names (the chain still is), it works.
+            async with node("n2", url + "&ssl_check_hostname=false") as (_, bp2, _):
+                await settled(bp2)
+                assert bp2.statistics().cluster

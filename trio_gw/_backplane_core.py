@@ -90,14 +90,15 @@ def with_tls_defaults(url: str) -> str:
     coredis 6.9 checks a ``rediss://`` server's certificate chain but, unless
     the URL has ``ssl_check_hostname=true``, not that the certificate names
     the host: any certificate from a trusted CA would pass. The backplane
-    checks the name unless the URL sets ``ssl_check_hostname`` itself or
-    turns verification off (``ssl_cert_reqs=none``).
+    checks the name unless the URL says ``ssl_check_hostname`` or turns
+    verification off (``ssl_cert_reqs=none``). As coredis reads the query,
+    an empty value says nothing and the first non-empty one counts.
     """
     split = urlsplit(url)
-    if split.scheme != "rediss":
+    if split.scheme != "rediss":  # urlsplit lowercases it
         return url
     query = parse_qs(split.query)
-    if "ssl_check_hostname" in query or query.get("ssl_cert_reqs") == ["none"]:
+    if "ssl_check_hostname" in query or query.get("ssl_cert_reqs", [""])[0] == "none":
         return url
     check = "ssl_check_hostname=true"
     return urlunsplit(split._replace(query=f"{split.query}&{check}" if split.query else check))

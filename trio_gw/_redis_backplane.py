@@ -606,6 +606,9 @@ class RedisBackplane:
         options: dict[str, Any] = {
             "connect_timeout": self._timeout,
             "stream_timeout": self._timeout,
+            # A password with "@" or "#" has to be percent-encoded in a URL;
+            # coredis would otherwise send it still encoded.
+            "decode_components": True,
         }
         single = _UnixConnection if self._url.startswith("unix:") else _TCPConnection
         url = self._connect_url
@@ -894,6 +897,7 @@ class RedisBackplane:
     ) -> NoReturn:
         names = self._names
         ttl_ms = max(1, round(self._presence_ttl * 1000))
+        count_listeners = not self._cluster
         while True:
             snapshot = orjson.dumps(
                 {"node": self._node_id, "at": time.time(), "users": inbox.local_presence()}
@@ -901,10 +905,33 @@ class RedisBackplane:
             with trio.fail_after(self._timeout):
                 await client.set(names.presence(self._node_id), snapshot, px=ttl_ms)
                 await client.sadd(names.nodes, [self._node_id])
-                if not self._cluster:
-                    listeners = await client.pubsub_numsub(names.broadcast)
-                    self._listening_nodes = listeners.get(names.broadcast) or None
+                if count_listeners:
+                    count_listeners = await self._count_listeners(client)
             await trio.sleep(self._presence_interval)
+
+    async def _count_listeners(
+        self, client: coredis.Redis[bytes] | coredis.RedisCluster[bytes]
+    ) -> bool:
+        """Count the nodes a broadcast reaches; False if the server refuses to say.
+
+        The count only chooses the cheaper route, so a refusal (an ACL without
+        ``pubsub``, a proxy without the command) must not cost the connection:
+        sends to users stay on their users' channels for as long as it lasts.
+        """
+        channel = self._names.broadcast
+        try:
+            listeners = await client.pubsub_numsub(channel)
+        except coredis.exceptions.ResponseError as exc:
+            self._listening_nodes = None
+            logger.warning(
+                "backplane: PUBSUB NUMSUB refused (%s); messages to several users go "
+                "per user channel",
+                _describe(exc),
+            )
+            return False
+        count = listeners.get(channel)
+        self._listening_nodes = count if isinstance(count, int) and count > 0 else None
+        return True
 
     async def _leave_presence(
         self, client: coredis.Redis[bytes] | coredis.RedisCluster[bytes]

@@ -116,6 +116,12 @@ class _BackplaneCollector(Collector):
             "Publishes waiting for the next batch now.",
             s.queued_publishes,
         )
+        yield GaugeMetricFamily(
+            "trio_gw_backplane_listening_nodes",
+            "Nodes a broadcast reaches, as last counted; 0 if unknown (a Redis Cluster, "
+            "a server that refuses PUBSUB NUMSUB, or not counted yet).",
+            s.listening_nodes or 0,
+        )
 
 
 class GatewayMetrics:
