@@ -323,10 +323,10 @@ def route(
     instead, with the whole list, when that is cheaper: past
     ``fanout_threshold`` users, or when it names at least ``listening_nodes``
     users (the nodes a broadcast reaches, this one included, if known). Per
-    user channel, the message costs a publish per user and reaches at least
-    one node per user; on the broadcast channel, one publish that reaches
-    each listening node once. A session id that names no node goes nowhere
-    (an empty list).
+    user channel, the message costs a publish per user, read by each node
+    that holds a session of that user; on the broadcast channel, one publish
+    that each listening node reads once, whether it holds those users or not.
+    A session id that names no node goes nowhere (an empty list).
     """
     target = message.target
     match target:

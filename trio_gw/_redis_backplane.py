@@ -948,7 +948,7 @@ class RedisBackplane:
                 _describe(exc),
             )
             return False
-        count = listeners.get(channel)
+        count = listeners.get(channel) if isinstance(listeners, dict) else None
         self._listening_nodes = count if isinstance(count, int) and count > 0 else None
         return True
 
