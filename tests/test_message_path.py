@@ -59,7 +59,13 @@ async def test_a_flooding_client_with_a_slow_callback_is_not_taken_for_dead() ->
     """The client sends as fast as it can and reads every answer; the callback is slower.
     trio-websocket's queue stays full, so its reader reads no pong for a while: the
     heartbeat must not close a client whose messages are waiting for the callback.
+
+    The client keeps at most ``window`` messages unanswered: 2,000 at 2 ms each puts
+    a pong seconds behind the messages ahead of it (past the heartbeat timeout),
+    and the end waits for at most those to be answered. Unbounded, the socket
+    buffers could hold more than the test's time limit can drain.
     """
+    window = 2000
 
     async def slow(reply: Reply, handler: Session, message: Any) -> None:
         await trio.sleep(0.002)
@@ -79,22 +85,32 @@ async def test_a_flooding_client_with_a_slow_callback_is_not_taken_for_dead() ->
                 trio.open_nursery() as nursery,
             ):
                 answers = 0
+                credit = trio.Semaphore(window)
 
-                async def read() -> None:
+                async def read(credit: trio.Semaphore) -> None:
                     nonlocal answers
                     while True:
                         await ws.get_message()
                         answers += 1
+                        credit.release()
 
-                nursery.start_soon(read)
+                nursery.start_soon(read, credit)
                 sent = 0
-                with trio.move_on_after(3):  # several heartbeat rounds
-                    while True:
-                        await ws.send_message(orjson.dumps({"i": sent}).decode())
-                        sent += 1
+                # Several heartbeat rounds. A deadline, not a cancel scope: a send
+                # cancelled halfway would leave half a frame on the wire.
+                end = trio.current_time() + 3
+                while trio.current_time() < end:
+                    await credit.acquire()
+                    await ws.send_message(orjson.dumps({"i": sent}).decode())
+                    sent += 1
                 assert ws.closed is None, (inflight, ws.closed)
                 assert CloseCode.NO_PONG not in hub.statistics().closes_by_code
                 assert answers > 0
+                # Every message answered before the close: a client that stopped
+                # reading would leave the hub's answers, and its close reply, unread.
+                for _ in range(window):
+                    await credit.acquire()
+                assert answers == sent
                 nursery.cancel_scope.cancel()
 
 
